@@ -1,0 +1,67 @@
+"""MAGMA (CLIP RN50x16 image prefix + GPT-J 6B with adapters) for captions and visual questions.
+
+The demo's calls:
+    session, config, tokenizer = init_inference_session("demo")
+    run_inference(session, config, tokenizer, "demo_example_images/scene_1.png", "A picture of")
+The object API: `Magma.load(...)`, then `.generate`, `.stream`, `.generate_batch`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import MagmaConfig, ModelConfig, load_config
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DownloadError,
+    ImageError,
+    MagmaError,
+    PromptError,
+    SamplingError,
+)
+from .images import ImageInput
+from .sampling import SamplingSettings
+from .session import Generation, Magma
+from .text import Tokenizer
+
+
+def init_inference_session(
+    key: str = "magma_v1_500", checkpoint_path: str | Path | None = None, **overrides: Any
+) -> tuple[Magma, MagmaConfig, Tokenizer]:
+    """Load the model of config `key` once; returns (session, config, tokenizer)."""
+    session = Magma.load(key, checkpoint_path=checkpoint_path, progress=True, **overrides)
+    return session, session.config, session.tokenizer
+
+
+def run_inference(
+    session: Magma,
+    config: MagmaConfig,
+    tokenizer: Tokenizer,
+    image_url: ImageInput,
+    text_prompt: str,
+    seed: int = 0,
+    top_p: float = 0.9,
+    top_k: int = 0,
+    temperature: float = 0.7,
+    max_out_tokens: int = 6,
+) -> str:
+    """Caption or answer about one image; returns the generated text (special tokens removed)."""
+    result = session.generate(
+        text_prompt,
+        image=image_url,
+        seed=seed,
+        top_p=top_p,
+        top_k=top_k,
+        temperature=temperature,
+        max_out_tokens=max_out_tokens,
+    )
+    return result.text
+
+
+__all__ = [
+    "CheckpointError", "ConfigError", "DownloadError", "Generation", "ImageError", "Magma",
+    "MagmaConfig", "MagmaError", "ModelConfig", "PromptError", "SamplingError", "SamplingSettings",
+    "Tokenizer", "init_inference_session", "load_config", "run_inference",
+]

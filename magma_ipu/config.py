@@ -1,0 +1,212 @@
+"""The one configuration object: model sizes, sequence length, files, precision, sampling defaults.
+
+Presets live as YAML in `configs/` (`demo`, `magma_v1_500`, `magma_v1_1024`); any field can be
+overridden by keyword (or by `--field value` on the command line). Paths in a YAML file that start
+with `./` or `../` are resolved against that file's folder, so a config can sit next to its
+checkpoint; other values are taken as given (a path, a hub reference, a hub name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .sampling import SamplingSettings
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # language model (GPT-J)
+    n_layer: int = 28
+    d_model: int = 4096
+    n_head: int = 16
+    rotary_dim: int = 64
+    d_ff: int = 16384
+    vocab_size: int = 50258  # embedding rows = tokenizer size; larger ids are never produced
+    lm_head_size: int = 50400
+    adapter_downsample: int = 4
+    # image encoder (CLIP ModifiedResNet trunk)
+    image_layers: tuple[int, int, int, int] = (6, 8, 18, 8)
+    image_width: int = 96
+    image_resolution: int = 384
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def image_features(self) -> int:
+        return self.image_width * 32
+
+    @property
+    def image_grid(self) -> int:
+        return self.image_resolution // 32
+
+    @property
+    def image_tokens(self) -> int:
+        return self.image_grid**2
+
+
+@dataclass(frozen=True)
+class MagmaConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sequence_length: int = 500  # text tokens: prompt + generated must fit
+    checkpoint: str | None = None  # file path, hub reference or URL
+    tokenizer: str = "gpt2"  # tokenizer.json, a folder holding one, or a hub name
+    dtype: str = "float32"
+    device: str = "cpu"
+    quantize: str = "none"  # "int8": weight-only int8 linear layers
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on CUDA)
+    image_timeout: float = 10.0  # seconds to wait for an image server
+    max_image_bytes: int = 50_000_000  # larger image files are refused while streaming
+    max_image_pixels: int = 64_000_000  # decompression-bomb guard, checked before decoding
+    seed: int = 0
+    top_p: float = 0.9
+    top_k: int = 0
+    temperature: float = 0.7
+    max_out_tokens: int = 6
+    name: str = "custom"
+
+    def replace(self, **overrides: Any) -> "MagmaConfig":
+        """A copy with fields changed; model fields may be given flat (`n_layer=2`)."""
+        return _build(dataclasses.asdict(self), overrides, source="override")
+
+
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+TOP_FIELDS = tuple(f.name for f in dataclasses.fields(MagmaConfig) if f.name != "model")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yml"))
+
+
+def load_config(name_or_path: str | Path = "demo", **overrides: Any) -> MagmaConfig:
+    """Read a preset by name (`configs/NAME.yml`) or a YAML file by path, then apply overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yml"
+        if not path.is_file():
+            raise ConfigError(
+                f"unknown config {str(name_or_path)!r}{_suggest(str(name_or_path), preset_names())}; "
+                f"presets: {', '.join(preset_names())}, or give a path to a .yml file"
+            )
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of fields")
+    raw.setdefault("name", path.stem)
+    for key in ("checkpoint", "tokenizer"):
+        value = raw.get(key)
+        if isinstance(value, str) and value.startswith(("./", "../")):
+            raw[key] = str((path.parent / value).resolve())  # relative to the YAML file
+    return _build(raw, overrides, source=str(path))
+
+
+def _suggest(name: str, choices: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _build(raw: dict[str, Any], overrides: dict[str, Any], source: str) -> MagmaConfig:
+    model = dict(raw.get("model") or {})
+    top = {k: v for k, v in raw.items() if k != "model"}
+    for key, value in overrides.items():
+        if key in MODEL_FIELDS:
+            model[key] = value
+        elif key == "model" and isinstance(value, dict):
+            model.update(value)
+        else:
+            top[key] = value
+    for key in model:
+        if key not in MODEL_FIELDS:
+            raise ConfigError(f"unknown model field {key!r} in {source}{_suggest(key, MODEL_FIELDS)}")
+    for key in top:
+        if key not in TOP_FIELDS:
+            raise ConfigError(
+                f"unknown config field {key!r} in {source}{_suggest(key, TOP_FIELDS + MODEL_FIELDS)}"
+            )
+    model_cfg = ModelConfig(**{k: _coerce(ModelConfig, k, v) for k, v in model.items()})
+    cfg = MagmaConfig(model=model_cfg, **{k: _coerce(MagmaConfig, k, v) for k, v in top.items()})
+    _validate(cfg)
+    return cfg
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    """Turn strings from the command line (and lists from YAML) into the field's type."""
+    default = next(f for f in dataclasses.fields(cls) if f.name == name).default
+    try:
+        if name == "image_layers":
+            if isinstance(value, str):
+                value = [v for v in value.replace(",", " ").split()]
+            return tuple(int(v) for v in value)
+        if value is None or isinstance(default, str) or default is None:
+            return None if value in (None, "None", "null") else str(value)
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except (TypeError, ValueError):
+        kind = "a list of 4 integers" if name == "image_layers" else type(default).__name__
+        raise ConfigError(f"config field {name!r} must be {kind}, got {value!r}") from None
+    return value
+
+
+def _validate(cfg: MagmaConfig) -> None:
+    m = cfg.model
+    positive = {
+        "n_layer": m.n_layer, "d_model": m.d_model, "n_head": m.n_head, "d_ff": m.d_ff,
+        "vocab_size": m.vocab_size, "lm_head_size": m.lm_head_size,
+        "adapter_downsample": m.adapter_downsample, "image_width": m.image_width,
+        "image_resolution": m.image_resolution, "sequence_length": cfg.sequence_length,
+        "image_timeout": cfg.image_timeout, "max_image_bytes": cfg.max_image_bytes,
+        "max_image_pixels": cfg.max_image_pixels,
+    }
+    for name, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"config field {name!r} must be > 0, got {value}")
+    if m.d_model % m.n_head:
+        raise ConfigError(f"d_model ({m.d_model}) must be divisible by n_head ({m.n_head})")
+    if m.rotary_dim % 2 or not 0 < m.rotary_dim <= m.head_dim:
+        raise ConfigError(f"rotary_dim must be even and in [2, head_dim={m.head_dim}], got {m.rotary_dim}")
+    if m.d_model % m.adapter_downsample:
+        raise ConfigError(
+            f"d_model ({m.d_model}) must be divisible by adapter_downsample ({m.adapter_downsample})"
+        )
+    if m.lm_head_size < m.vocab_size:
+        raise ConfigError(f"lm_head_size ({m.lm_head_size}) must be >= vocab_size ({m.vocab_size})")
+    if len(m.image_layers) != 4 or min(m.image_layers) < 1:
+        raise ConfigError(f"image_layers must be 4 integers >= 1, got {list(m.image_layers)}")
+    if m.image_resolution % 32:
+        raise ConfigError(f"image_resolution must be a multiple of 32, got {m.image_resolution}")
+    if m.image_width % 2:
+        raise ConfigError(f"image_width must be even, got {m.image_width}")
+    if cfg.dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.quantize not in QUANTIZATIONS:
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {cfg.quantize!r}")
+    if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {cfg.device!r}")
+    # the sampling defaults obey the same ranges as the settings of a call
+    SamplingSettings(cfg.seed, cfg.top_p, cfg.top_k, cfg.temperature, cfg.max_out_tokens).validate()

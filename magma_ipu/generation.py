@@ -1,0 +1,195 @@
+"""Prefill once, then decode one position per token from a static key/value cache.
+
+A request is a list of segments: image tensors (1 x 3 x R x R) and token-id lists, in prompt order.
+Rows of a batch are left-padded to a common length; each row's rotary positions start at 0 on
+its first real input and padding slots are masked out, so a row gives the same tokens alone or
+in a batch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence, Union
+
+import torch
+
+from .model import MagmaModel
+from .sampling import SamplingSettings, draw
+
+Segment = Union[torch.Tensor, Sequence[int]]
+Request = Sequence[Segment]
+
+
+@dataclass
+class GenerationStats:
+    prompt_positions: int = 0  # image and text positions fed by the prefill
+    time_to_first_token: float = 0.0  # seconds: image encoder + prefill + first draw
+    decode_time: float = 0.0  # seconds for the tokens after the first
+    new_tokens: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return (self.new_tokens - 1) / self.decode_time if self.new_tokens > 1 and self.decode_time else 0.0
+
+
+@dataclass
+class RowResult:
+    token_ids: list[int] = field(default_factory=list)  # generated ids, EOS excluded
+    finish_reason: str = "length"  # "eos" or "length"
+
+
+class Engine:
+    """Runs requests through a MagmaModel; owns the cache and the compiled decode step."""
+
+    def __init__(self, model: MagmaModel, eos_id: int, banned_ids: Sequence[int] = (), compile: bool = False):
+        self.model = model
+        self.eos_id = eos_id
+        self.banned_ids = list(banned_ids)
+        self.device = model.lm.transformer.wte.weight.device
+        self.dtype = model.lm.transformer.wte.weight.dtype
+        self.cache_batch = 0
+        self.cache_length = 0
+        self.key_valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+        self.decode_step = self._decode_step
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            self.decode_step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
+
+    # -- building inputs ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def embed(self, requests: Sequence[Request]) -> list[torch.Tensor]:
+        """One L x D embedding sequence per request; all images go through the encoder in one batch."""
+        images = [seg for req in requests for seg in req if isinstance(seg, torch.Tensor)]
+        image_embeds = iter(())
+        if images:
+            pixels = torch.cat(images).to(self.device)
+            image_embeds = iter(self.model.embed_images(pixels))  # each: (R/32)^2 x D
+        sequences = []
+        for req in requests:
+            parts = []
+            for seg in req:
+                if isinstance(seg, torch.Tensor):
+                    parts.append(next(image_embeds))
+                elif len(seg):
+                    ids = torch.tensor(list(seg), dtype=torch.long, device=self.device)
+                    parts.append(self.model.embed_tokens(ids))
+            sequences.append(torch.cat(parts))
+        return sequences
+
+    def _left_pad(self, sequences: list[torch.Tensor]):
+        """B x T x D embeddings, B x T validity, B x T rotary positions and B pad counts."""
+        width = max(len(s) for s in sequences)
+        batch, dim = len(sequences), sequences[0].shape[-1]
+        embeds = torch.zeros(batch, width, dim, dtype=self.dtype, device=self.device)
+        valid = torch.zeros(batch, width, dtype=torch.bool, device=self.device)
+        for row, seq in enumerate(sequences):
+            embeds[row, width - len(seq) :] = seq
+            valid[row, width - len(seq) :] = True
+        pads = torch.tensor([width - len(s) for s in sequences], device=self.device)
+        positions = (torch.arange(width, device=self.device)[None, :] - pads[:, None]).clamp(min=0)
+        return embeds, valid, positions, pads
+
+    def _ensure_cache(self, batch: int, length: int) -> None:
+        if batch != self.cache_batch or length > self.cache_length or not self.model.lm.has_cache:
+            self.model.lm.setup_caches(batch, length)
+            self.cache_batch, self.cache_length = batch, length
+            self.key_valid = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
+        self.key_valid.zero_()
+
+    # -- the two phases -----------------------------------------------------------------------
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.logits(hidden)
+        if self.banned_ids:
+            logits[..., self.banned_ids] = float("-inf")
+        return logits
+
+    def _decode_step(self, token: torch.Tensor, slot: torch.Tensor, position: torch.Tensor, key_valid):
+        # token: B; slot: 1; position: B x 1  ->  logits B x V
+        hidden = self.model(self.model.embed_tokens(token)[:, None], slot, position, key_valid)
+        return self._logits(hidden[:, -1])
+
+    @torch.inference_mode()
+    def tokens(
+        self,
+        requests: Sequence[Request],
+        settings: SamplingSettings,
+        seeds: Sequence[int],
+        stats: GenerationStats | None = None,
+        capacity: int = 0,
+    ) -> Iterator[list[int | None]]:
+        """Yield, per step, the new token of every row (None for a row that has finished).
+
+        The EOS that ends a row is yielded; nothing after it. `capacity` sizes the cache so
+        that later, longer requests reuse it.
+        """
+        stats = stats if stats is not None else GenerationStats()
+        start = time.perf_counter()
+        embeds, valid, positions, pads = self._left_pad(self.embed(requests))
+        batch, width = valid.shape
+        self._ensure_cache(batch, max(capacity, width + settings.max_out_tokens))
+        self.key_valid[:, :width] = valid
+        slots = torch.arange(width, device=self.device)
+        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+
+        hidden = self.model(embeds, slots, positions, self.key_valid)
+        token = draw(self._logits(hidden[:, -1]), settings, generators)
+        stats.prompt_positions = width
+        finished = [False] * batch
+        for step in range(settings.max_out_tokens):
+            if step == 0:
+                stats.time_to_first_token = time.perf_counter() - start
+                decode_start = time.perf_counter()
+            else:
+                slot = width + step - 1
+                self.key_valid[:, slot] = True
+                slot_t = torch.tensor([slot], device=self.device)
+                position = (slot_t - pads)[:, None]
+                logits = self.decode_step(token, slot_t, position, self.key_valid)
+                token = draw(logits, settings, generators)
+            values = token.tolist()
+            out = [None if done else t for done, t in zip(finished, values)]
+            finished = [done or t == self.eos_id for done, t in zip(finished, values)]
+            stats.new_tokens = step + 1
+            stats.decode_time = time.perf_counter() - decode_start
+            yield out
+            if all(finished):
+                break
+
+    def generate(
+        self,
+        requests: Sequence[Request],
+        settings: SamplingSettings,
+        seeds: Sequence[int],
+        on_token: Callable[[int, int], None] | None = None,
+        stats: GenerationStats | None = None,
+        capacity: int = 0,
+    ) -> list[RowResult]:
+        results = [RowResult() for _ in requests]
+        for step_tokens in self.tokens(requests, settings, seeds, stats, capacity):
+            for row, token in enumerate(step_tokens):
+                if token is None:
+                    continue
+                if token == self.eos_id:
+                    results[row].finish_reason = "eos"
+                    continue
+                results[row].token_ids.append(token)
+                if on_token is not None:
+                    on_token(row, token)
+        return results
+
+    @torch.inference_mode()
+    def full_logits(self, requests: Sequence[Request]) -> torch.Tensor:
+        """Logits at every position, recomputed without a cache (the reference for tests and the
+        no-cache benchmark). Left-padded like `tokens`; B x T x V."""
+        embeds, key_valid, positions, _ = self._left_pad(self.embed(requests))
+        slots = torch.arange(key_valid.shape[1], device=self.device)
+        cached = self.model.lm.has_cache
+        self.model.lm.clear_caches()
+        try:
+            return self._logits(self.model(embeds, slots, positions, key_valid))
+        finally:
+            if cached:
+                self.cache_batch = 0  # caches were dropped; the next request rebuilds them

@@ -1,0 +1,156 @@
+"""GPT-J with MAGMA's MLP adapters and a static key/value cache.
+
+Block (parallel, one LayerNorm):  h = ln_1(x);  x' = x + attn(h) + adapter(mlp(h))
+Attention: no biases, interleaved ("rotate every two") rotary on the first rotary_dim dims of
+each head, softmax(q k^T / sqrt(head_dim)) under a causal mask.
+The module tree is the checkpoint's key tree: lm.transformer.h.N.attn.attention.q_proj, ...
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values, written in place at the given slots."""
+
+    def __init__(self, batch: int, n_head: int, length: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_head, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # slots: T;  k, v: B x H x T x hd  ->  the whole cache, B x H x S x hd
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k, self.v
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: B x T x H x hd;  cos, sin: B x T x 1 x rotary_dim/2. Pairs (2i, 2i+1) rotate together.
+    rot = cos.shape[-1] * 2
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    even, odd = x_rot[..., 0::2], x_rot[..., 1::2]
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, slots, mask):
+        # x: B x T x D;  mask: B x 1 x T x S (True = may attend)
+        b, t, d = x.shape
+        q = apply_rotary(self.q_proj(x).view(b, t, self.n_head, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(b, t, self.n_head, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, t, self.n_head, self.head_dim)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # B x H x T x hd
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(slots, k, v)  # B x H x S x hd
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.c_proj = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Adapter(nn.Module):
+    """MAGMA's bottleneck adapter on the MLP output: m + W2 relu(W1 m + b1) + b2."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = cfg.d_model // cfg.adapter_downsample
+        self.adapter = nn.Sequential(
+            nn.Linear(cfg.d_model, hidden), nn.ReLU(), nn.Linear(hidden, cfg.d_model)
+        )
+
+    def forward(self, x):
+        return x + self.adapter(x)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        # the checkpoint nests attention one level down: attn.attention.q_proj
+        self.attn = nn.ModuleDict({"attention": Attention(cfg)})
+        self.mlp = nn.Sequential(FeedForward(cfg), Adapter(cfg))
+
+    def forward(self, x, cos, sin, slots, mask):
+        h = self.ln_1(x)
+        return x + self.attn["attention"](h, cos, sin, slots, mask) + self.mlp(h)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=1e-5)
+
+
+class GPTJ(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = Transformer(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.lm_head_size)
+
+    def setup_caches(self, batch: int, length: int) -> None:
+        """Allocate a static cache of `length` slots per row; the forward then writes into it."""
+        w = self.transformer.wte.weight
+        for block in self.transformer.h:
+            block.attn["attention"].kv_cache = KVCache(
+                batch, self.cfg.n_head, length, self.cfg.head_dim, w.dtype, w.device
+            )
+
+    def clear_caches(self) -> None:
+        for block in self.transformer.h:
+            block.attn["attention"].kv_cache = None
+
+    @property
+    def has_cache(self) -> bool:
+        return self.transformer.h[0].attn["attention"].kv_cache is not None
+
+    def forward(self, embeds, slots, positions, key_valid):
+        """Hidden states after ln_f.
+
+        embeds: B x T x D input embeddings (image prefix and/or token embeddings);
+        slots: T, the sequence slots these inputs occupy (the cache slots when a cache is set);
+        positions: B x T rotary positions (slot minus the row's left padding);
+        key_valid: B x S, which slots hold real inputs (S = cache length, or T without a cache).
+        """
+        rot = self.cfg.rotary_dim
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, rot, 2, device=embeds.device).float() / rot)
+        angles = positions[..., None].float() * inv_freq  # B x T x rotary_dim/2
+        cos = angles.cos().to(embeds.dtype)[:, :, None, :]
+        sin = angles.sin().to(embeds.dtype)[:, :, None, :]
+        s = key_valid.shape[1]
+        key_slots = torch.arange(s, device=embeds.device)
+        causal = key_slots[None, :] <= slots[:, None]  # T x S
+        # a padding query attends to itself only, so its row stays finite
+        own = key_slots[None, :] == slots[:, None]
+        mask = ((causal[None] & key_valid[:, None, :]) | own[None])[:, None]  # B x 1 x T x S
+        x = embeds
+        for block in self.transformer.h:
+            x = block(x, cos, sin, slots, mask)
+        return self.transformer.ln_f(x)

@@ -1,0 +1,227 @@
+"""The object API: load a model once, then generate, stream or batch as often as you like.
+
+    magma = Magma.load("demo")
+    print(magma.generate("A picture of", image="demo_example_images/scene_1.png").text)
+    for piece in magma.stream("Q: What colour is the circle? A:", image=img):
+        print(piece, end="")
+
+Sampling settings are per call; nothing is rebuilt or reloaded between calls.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import MagmaConfig, load_config
+from .download import resolve_checkpoint
+from .errors import ConfigError, PromptError
+from .generation import Engine, GenerationStats, RowResult
+from .images import ImageInput, load_image, preprocess
+from .model import MagmaModel
+from .sampling import SamplingSettings
+from .text import TextStream, Tokenizer
+from .weights import load_checkpoint
+
+ImageLike = Union[Image.Image, np.ndarray]
+Prompt = Union[str, Sequence[Union[str, ImageLike]]]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]  # generated ids, EOS excluded
+    finish_reason: str  # "eos" or "length"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "prompt_positions": s.prompt_positions,
+            "time_to_first_token_s": round(s.time_to_first_token, 6),
+            "decode_time_s": round(s.decode_time, 6),
+            "tokens_per_second": round(s.tokens_per_second, 3),
+        }
+
+
+def build_model(config: MagmaConfig, checkpoint: str | Path | None, progress: bool = False) -> MagmaModel:
+    """The model of `config`, with weights from `checkpoint`, or random ones (seeded) if None."""
+    dtype, device = DTYPES[config.dtype], torch.device(config.device)
+    if checkpoint is None:
+        torch.manual_seed(config.seed)
+        model = MagmaModel(config.model)
+        init_random(model)
+        model = model.to(device=device, dtype=dtype)
+    else:
+        with torch.device("meta"):
+            model = MagmaModel(config.model)
+        load_checkpoint(model, checkpoint, dtype, device, progress=progress)
+    model.eval()
+    if config.quantize == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(model)
+    return model
+
+
+@torch.no_grad()
+def init_random(model: MagmaModel) -> None:
+    """GPT-style random weights (std 0.02) so random-weight models give sane logits."""
+    for name, p in model.named_parameters():
+        if name.startswith("lm.") and p.dim() == 2:
+            p.normal_(0.0, 0.02)
+        elif name.startswith("lm.") and name.endswith("bias"):
+            p.zero_()
+
+
+class Magma:
+    """A loaded MAGMA model with its tokenizer and config."""
+
+    def __init__(self, config: MagmaConfig, model: MagmaModel, tokenizer: Tokenizer):
+        if len(tokenizer) != config.model.vocab_size:
+            raise ConfigError(
+                f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.model.vocab_size}"
+            )
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.engine = Engine(model, tokenizer.eos_id, banned_ids=[tokenizer.image_id], compile=config.compile)
+        self.load_count = 1
+
+    @classmethod
+    def load(
+        cls,
+        config: str | Path | MagmaConfig = "demo",
+        checkpoint_path: str | Path | None = None,
+        progress: bool = False,
+        random_weights: bool = False,
+        **overrides: Any,
+    ) -> "Magma":
+        """From a preset name, a YAML path or a MagmaConfig; fields can be overridden by keyword."""
+        cfg = config.replace(**overrides) if isinstance(config, MagmaConfig) else load_config(config, **overrides)
+        if checkpoint_path is not None:
+            cfg = cfg.replace(checkpoint=str(checkpoint_path))
+        tokenizer = Tokenizer.load(cfg.tokenizer)
+        if random_weights:
+            checkpoint = None
+        elif cfg.checkpoint is None:
+            raise ConfigError(
+                f"config {cfg.name!r} names no checkpoint: pass checkpoint_path=..., set `checkpoint`, "
+                "or use the embedded 'demo' model"
+            )
+        else:
+            checkpoint = resolve_checkpoint(cfg.checkpoint)
+        return cls(cfg, build_model(cfg, checkpoint, progress=progress), tokenizer)
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def settings(self, **overrides: Any) -> SamplingSettings:
+        c = self.config
+        base = dict(seed=c.seed, top_p=c.top_p, top_k=c.top_k, temperature=c.temperature, max_out_tokens=c.max_out_tokens)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingSettings(**base).validate()
+
+    def open_image(self, image: ImageInput) -> Image.Image:
+        """An RGB image from a URL, path, PIL image or array, within the config's size limits."""
+        c = self.config
+        return load_image(image, timeout=c.image_timeout, max_bytes=c.max_image_bytes, max_pixels=c.max_image_pixels)
+
+    def image_tensor(self, image: ImageInput) -> torch.Tensor:
+        return preprocess(self.open_image(image), self.config.model.image_resolution)
+
+    def request(self, prompt: Prompt, image: ImageInput | None, max_out_tokens: int) -> list:
+        """Segments for the engine: image tensors and token-id lists, in prompt order."""
+        parts: list = [image] if image is not None else []
+        if isinstance(prompt, str):
+            parts.append(prompt)
+        elif isinstance(prompt, Sequence):
+            parts.extend(prompt)
+        else:
+            raise PromptError(f"prompt must be a string or a list of strings and images, got {type(prompt).__name__}")
+        segments, text_tokens = [], 0
+        for part in parts:
+            if isinstance(part, str):
+                if "<|endoftext|>" in part or "<|image|>" in part:
+                    raise PromptError("prompt text must not contain the special tokens <|endoftext|> or <|image|>")
+                ids = self.tokenizer.encode(part)
+                text_tokens += len(ids)
+                segments.append(ids)
+            else:
+                segments.append(self.image_tensor(part))
+        if not any(isinstance(s, torch.Tensor) or len(s) for s in segments):
+            raise PromptError("prompt is empty: give an image, some text, or both")
+        limit = self.config.sequence_length
+        if text_tokens + max_out_tokens > limit:
+            raise PromptError(
+                f"prompt has {text_tokens} tokens and max_out_tokens is {max_out_tokens}: "
+                f"{text_tokens + max_out_tokens} > sequence_length {limit} "
+                f"(over by {text_tokens + max_out_tokens - limit})"
+            )
+        return segments
+
+    def _capacity(self) -> int:
+        return self.config.model.image_tokens + self.config.sequence_length
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def generate(self, prompt: Prompt = "", image: ImageInput | None = None, **sampling: Any) -> Generation:
+        """One completion. `sampling`: seed, top_p, top_k, temperature, max_out_tokens."""
+        return self.generate_batch([prompt], images=[image], **sampling)[0]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt],
+        images: Sequence[ImageInput | None] | None = None,
+        seeds: Sequence[int] | None = None,
+        **sampling: Any,
+    ) -> list[Generation]:
+        """Several prompts at once; each row gives what it would give alone (same seed)."""
+        if not prompts:
+            raise PromptError("prompts must not be empty")
+        images = list(images) if images is not None else [None] * len(prompts)
+        if len(images) != len(prompts):
+            raise PromptError(f"got {len(prompts)} prompts but {len(images)} images")
+        settings = self.settings(**sampling)
+        seeds = list(seeds) if seeds is not None else [settings.seed] * len(prompts)
+        for seed in seeds:
+            SamplingSettings(seed=seed).validate()
+        requests = [self.request(p, im, settings.max_out_tokens) for p, im in zip(prompts, images)]
+        stats = GenerationStats()
+        rows = self.engine.generate(requests, settings, seeds, stats=stats, capacity=self._capacity())
+        return [self._result(row, stats) for row in rows]
+
+    def _result(self, row: RowResult, stats: GenerationStats) -> Generation:
+        return Generation(self.tokenizer.decode(row.token_ids), row.token_ids, row.finish_reason, stats)
+
+    def stream(self, prompt: Prompt = "", image: ImageInput | None = None, **sampling: Any) -> Iterator[str]:
+        """Yield text pieces as tokens are decoded (always whole characters)."""
+        for piece, _ in self.stream_with_stats(prompt, image, **sampling):
+            if piece:
+                yield piece
+
+    def stream_with_stats(
+        self, prompt: Prompt = "", image: ImageInput | None = None, **sampling: Any
+    ) -> Iterator[tuple[str, GenerationStats]]:
+        """Text pieces with the running timing figures; the last piece may be empty."""
+        settings = self.settings(**sampling)
+        request = self.request(prompt, image, settings.max_out_tokens)
+        stats = GenerationStats()
+        text = TextStream(self.tokenizer)
+        for (token,) in self.engine.tokens([request], settings, [settings.seed], stats, self._capacity()):
+            if token is None or token == self.tokenizer.eos_id:
+                break
+            piece = text.push(token)
+            if piece:
+                yield piece, stats
+        yield text.flush(), stats

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Train the embedded demo model: MAGMA's architecture at toy size, on procedurally drawn scenes.
+
+MAGMA's recipe, scaled down:
+  1. train the language model (GPT-J blocks, adapters held at zero) on the caption/Q&A text;
+  2. freeze it and train the image encoder, the image prefix and the adapters on image-text pairs.
+Writes magma_ipu/assets/demo/{mp_rank_00_model_states.pt, tokenizer.json} (the checkpoint in the
+DeepSpeed layout MAGMA ships, fp16) and prints held-out metrics as one JSON line.
+
+    python scripts/train_demo_model.py            # about 10 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from magma_ipu.config import load_config  # noqa: E402
+from magma_ipu.images import preprocess  # noqa: E402
+from magma_ipu.model import MagmaModel  # noqa: E402
+from magma_ipu.scenes import draw_scene, random_scene  # noqa: E402
+from magma_ipu.text import train_byte_level_bpe  # noqa: E402
+
+ASSETS = ROOT / "magma_ipu" / "assets" / "demo"
+
+
+def make_data(count: int, seed: int, resolution: int):
+    """Scenes, their preprocessed pixels (float16) and their (prompt, answer) examples."""
+    rng = random.Random(seed)
+    scenes = [random_scene(rng) for _ in range(count)]
+    pixels = torch.empty(count, 3, resolution, resolution, dtype=torch.float16)
+    for i, scene in enumerate(scenes):
+        drawn = draw_scene(scene, size=rng.choice((resolution, 128, 160, 256)), supersample=2)
+        pixels[i] = preprocess(drawn, resolution)[0].half()
+    return scenes, pixels
+
+
+def batch_text(tokenizer, texts: list[str], eos: int):
+    """Right-padded ids and a loss mask (B x T); each text ends with EOS."""
+    ids = [tokenizer.encode(t) + [eos] for t in texts]
+    width = max(len(x) for x in ids)
+    tokens = torch.full((len(ids), width), eos, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.bool)
+    for row, x in enumerate(ids):
+        tokens[row, : len(x)] = torch.tensor(x)
+        mask[row, : len(x)] = True
+    return tokens, mask
+
+
+def lm_loss(model: MagmaModel, prefix: torch.Tensor | None, tokens, mask):
+    """Next-token cross-entropy over the text (the image prefix, if any, is only context)."""
+    embeds = model.embed_tokens(tokens)
+    if prefix is not None:
+        embeds = torch.cat([prefix, embeds], dim=1)
+    b, t, _ = embeds.shape
+    slots = torch.arange(t)
+    hidden = model(embeds, slots, slots.expand(b, t), torch.ones(b, t, dtype=torch.bool))
+    n_prefix = 0 if prefix is None else prefix.shape[1]
+    logits = model.lm.lm_head(hidden[:, n_prefix - 1 if n_prefix else 0 : -1])
+    targets = tokens if n_prefix else tokens[:, 1:]
+    target_mask = mask if n_prefix else mask[:, 1:]
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return (loss * target_mask.flatten()).sum() / target_mask.sum()
+
+
+def cosine(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train(model, params, steps, lr, make_batch, label):
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    start, running = time.perf_counter(), None
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = cosine(step, steps, lr)
+        loss = make_batch()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 200 == 0 or step == steps - 1:
+            print(f"[{label}] step {step:5d} loss {running:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return running
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scenes", type=int, default=16000)
+    parser.add_argument("--text_steps", type=int, default=1000)
+    parser.add_argument("--image_steps", type=int, default=2500)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ASSETS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    t0 = time.perf_counter()
+
+    base = load_config(ROOT / "configs" / "demo.yml")
+    res = base.model.image_resolution
+    scenes, pixels = make_data(args.scenes, args.seed, res)
+    examples = [(i, p + a) for i, s in enumerate(scenes) for p, a in s.examples()]
+    captions = [e for e in examples if e[1].startswith("A picture of")]
+    print(f"data: {len(scenes)} scenes, {len(examples)} texts ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    tokenizer = train_byte_level_bpe((t for _, t in examples), base.model.vocab_size)
+    assert len(tokenizer) == base.model.vocab_size, len(tokenizer)
+    eos = tokenizer.eos_id
+    model = MagmaModel(base.model)
+    for name, p in model.named_parameters():
+        if name.startswith("lm.") and p.dim() == 2:
+            torch.nn.init.normal_(p, 0.0, 0.02)
+        if ".mlp.1.adapter.2." in name:
+            torch.nn.init.zeros_(p)  # adapters start as the identity
+
+    # 1. the language model, on text alone (adapters held at zero)
+    lm_params = [p for n, p in model.lm.named_parameters() if ".adapter." not in n]
+    model.train()
+
+    def text_batch():
+        texts = [t for _, t in rng.sample(examples, args.batch_size)]
+        return lm_loss(model, None, *batch_text(tokenizer, texts, eos))
+
+    text_loss = train(model, lm_params, args.text_steps, 3e-3, text_batch, "text")
+
+    # 2. frozen language model; train the image encoder, the prefix and the adapters
+    for p in model.lm.parameters():
+        p.requires_grad_(False)
+    adapters = [p for n, p in model.lm.named_parameters() if ".adapter." in n]
+    for p in adapters:
+        p.requires_grad_(True)
+    image_params = list(model.image_prefix.parameters()) + adapters
+
+    def image_batch():
+        # half captions, half questions, so both kinds of prompt are conditioned on the image
+        picks = rng.sample(captions, args.batch_size // 2) + rng.sample(examples, args.batch_size // 2)
+        index = torch.tensor([i for i, _ in picks])
+        prefix = model.image_prefix(pixels[index].float())
+        return lm_loss(model, prefix, *batch_text(tokenizer, [t for _, t in picks], eos))
+
+    image_loss = train(model, image_params, args.image_steps, 2e-3, image_batch, "image")
+    model.eval()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer.backend.save(str(args.out / "tokenizer.json"))
+    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({"module": state, "global_steps": args.text_steps + args.image_steps}, args.out / "mp_rank_00_model_states.pt")
+    train_time = time.perf_counter() - t0
+
+    from magma_ipu.evaluation import evaluate_demo  # the held-out check, on the saved files
+
+    metrics = evaluate_demo(scenes=200, seed=10_000_019)
+    print(json.dumps({
+        "seed": args.seed, "scenes": args.scenes, "text_steps": args.text_steps,
+        "image_steps": args.image_steps, "batch_size": args.batch_size,
+        "final_text_loss": round(text_loss, 4), "final_image_loss": round(image_loss, 4),
+        "train_seconds": round(train_time), **metrics,
+    }))
+
+
+if __name__ == "__main__":
+    main()

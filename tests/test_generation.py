@@ -1,0 +1,162 @@
+"""Cached generation against full recomputation, batching, interleaving, stopping, streaming."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from magma_ipu import PromptError
+from magma_ipu.generation import Engine
+from magma_ipu.sampling import SamplingSettings
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference over the finite logits; banned ids (-inf) must agree."""
+    finite = torch.isfinite(a)
+    assert torch.equal(finite, torch.isfinite(b))
+    return (a[finite] - b[finite]).abs().max().item()
+
+
+def picture(seed: int, size=(80, 64)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@torch.inference_mode()
+def test_cached_decoding_equals_full_recomputation_at_every_step(tiny_magma):
+    engine = tiny_magma.engine
+    request = tiny_magma.request("A picture of", picture(1), 12)
+    settings = SamplingSettings(temperature=0, max_out_tokens=12)
+    captured = []
+    original = engine.decode_step
+    engine.decode_step = lambda *a: captured.append(original(*a)) or captured[-1]
+    try:
+        tokens = [t for (t,) in engine.tokens([request], settings, [0])]
+    finally:
+        engine.decode_step = original
+    assert len(captured) == len(tokens) - 1 >= 5
+    for step, cached in enumerate(captured, start=1):
+        full = engine.full_logits([list(request) + [tokens[:step]]])[:, -1]
+        assert max_diff(cached, full) < 1e-5
+        assert full.argmax(-1).item() == tokens[step]
+
+
+@torch.inference_mode()
+def test_left_padded_batch_logits_equal_single_rows(tiny_magma):
+    engine = tiny_magma.engine
+    short = tiny_magma.request("A picture", picture(2), 4)
+    long = tiny_magma.request("Q: What colour is the big square? A:", picture(3), 4)
+    both = engine.full_logits([short, long])
+    for row, request in enumerate((short, long)):
+        alone = engine.full_logits([request])[0]
+        n = alone.shape[0]
+        assert max_diff(both[row, -n:], alone) < 1e-5
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_batch_gives_the_same_tokens_as_one_by_one(tiny_magma, temperature):
+    prompts = ["A picture of", "Q: How many shapes are there? A:", "a"]
+    images = [picture(4), None, picture(5, (40, 90))]
+    batch = tiny_magma.generate_batch(prompts, images, seeds=[3, 4, 5], temperature=temperature, max_out_tokens=10)
+    single = [
+        tiny_magma.generate(p, image=i, seed=s, temperature=temperature, max_out_tokens=10)
+        for p, i, s in zip(prompts, images, (3, 4, 5))
+    ]
+    assert [b.token_ids for b in batch] == [s.token_ids for s in single]
+    assert [b.text for b in batch] == [s.text for s in single]
+
+
+def test_seed_reproduces_and_different_seeds_differ(tiny_magma):
+    kwargs = dict(image=picture(6), temperature=1.5, top_p=1.0, max_out_tokens=16)
+    a = tiny_magma.generate("A picture of", seed=7, **kwargs)
+    b = tiny_magma.generate("A picture of", seed=7, **kwargs)
+    others = {tuple(tiny_magma.generate("A picture of", seed=s, **kwargs).token_ids) for s in range(8, 12)}
+    assert a.token_ids == b.token_ids
+    assert len(others | {tuple(a.token_ids)}) > 1
+
+
+def test_interleaved_images_and_text_occupy_their_positions(tiny_magma):
+    grid = tiny_magma.config.model.image_tokens
+    tok = tiny_magma.tokenizer
+    prompt = [picture(1), "left", picture(2), "right"]
+    result = tiny_magma.generate(prompt, temperature=0, max_out_tokens=3)
+    left, right = tok.encode("left"), tok.encode("right")
+    assert result.stats.prompt_positions == 2 * grid + len(left) + len(right)
+    model = tiny_magma.model
+    with torch.inference_mode():
+        (sequence,) = tiny_magma.engine.embed([tiny_magma.request(prompt, None, 1)])
+        expected = torch.cat([
+            model.embed_images(tiny_magma.image_tensor(picture(1)))[0],
+            model.embed_tokens(torch.tensor(left)),
+            model.embed_images(tiny_magma.image_tensor(picture(2)))[0],
+            model.embed_tokens(torch.tensor(right)),
+        ])
+    assert sequence.shape == expected.shape
+    assert (sequence - expected).abs().max().item() < 1e-5
+
+
+def test_generation_stops_at_eos_and_hides_it(tiny_magma):
+    engine = tiny_magma.engine
+    eos = tiny_magma.tokenizer.eos_id
+    bias = tiny_magma.model.lm.lm_head.bias
+    saved = bias[eos].item()
+    with torch.no_grad():
+        bias[eos] = 1e4  # EOS is now certain
+    try:
+        result = tiny_magma.generate("A picture of", image=picture(1), temperature=0, max_out_tokens=8)
+    finally:
+        with torch.no_grad():
+            bias[eos] = saved
+    assert result.token_ids == [] and result.text == "" and result.finish_reason == "eos"
+    assert engine.eos_id == eos
+
+
+def test_max_out_tokens_bounds_the_output(tiny_magma):
+    result = tiny_magma.generate("A picture of", image=picture(1), temperature=1.0, top_p=1.0, max_out_tokens=5)
+    assert len(result.token_ids) <= 5
+    assert result.finish_reason == "eos" or len(result.token_ids) == 5
+
+
+def test_ids_beyond_the_tokenizer_and_the_image_token_are_never_produced(tiny_magma):
+    vocab = tiny_magma.config.model.vocab_size
+    bias = tiny_magma.model.lm.lm_head.bias
+    saved = bias.clone()
+    with torch.no_grad():
+        bias[vocab:] = 1e4  # head rows with no token
+        bias[tiny_magma.tokenizer.image_id] = 1e4
+    try:
+        result = tiny_magma.generate("A picture of", temperature=1.0, top_p=1.0, max_out_tokens=6)
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert result.token_ids and all(t < vocab and t != tiny_magma.tokenizer.image_id for t in result.token_ids)
+
+
+def test_stream_pieces_join_to_the_generated_text(tiny_magma):
+    kwargs = dict(image=picture(3), temperature=1.0, top_p=1.0, seed=2, max_out_tokens=20)
+    pieces = list(tiny_magma.stream("Q: What colour is the star? A:", **kwargs))
+    full = tiny_magma.generate("Q: What colour is the star? A:", **kwargs)
+    assert "".join(pieces) == full.text
+    assert all(p and "\ufffd" not in p for p in pieces) or "\ufffd" in full.text
+
+
+def test_prompt_too_long_says_by_how_much(tiny_magma):
+    limit = tiny_magma.config.sequence_length
+    with pytest.raises(PromptError, match=r"over by \d+") as info:
+        tiny_magma.generate("word " * limit, max_out_tokens=4)
+    assert "sequence_length" in str(info.value)
+
+
+def test_empty_prompt_is_refused(tiny_magma):
+    with pytest.raises(PromptError, match="empty"):
+        tiny_magma.generate("")
+
+
+def test_a_larger_request_after_a_small_one_reuses_or_grows_the_cache(tiny_magma):
+    engine: Engine = tiny_magma.engine
+    tiny_magma.generate("a", temperature=0, max_out_tokens=2)
+    length = engine.cache_length
+    tiny_magma.generate([picture(1), "a", picture(2), "b", picture(3)], temperature=0, max_out_tokens=2)
+    assert engine.cache_length >= length
+    again = tiny_magma.generate("a", temperature=0, max_out_tokens=2)
+    assert again.token_ids == tiny_magma.generate("a", temperature=0, max_out_tokens=2).token_ids

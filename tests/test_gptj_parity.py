@@ -1,0 +1,123 @@
+"""Our GPT-J against transformers' GPTJForCausalLM (the oracle), same random weights, float32."""
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache, GPTJConfig, GPTJForCausalLM  # noqa: E402
+
+
+class MlpWithAdapter(nn.Module):
+    """transformers' GPT-J MLP followed by MAGMA's adapter, m + adapter(m)."""
+
+    def __init__(self, mlp, adapter):
+        super().__init__()
+        self.mlp, self.adapter = mlp, adapter
+
+    def forward(self, h):
+        m = self.mlp(h)
+        return m + self.adapter(m)
+
+
+def oracle_from(model) -> GPTJForCausalLM:
+    cfg = model.cfg
+    hf_cfg = GPTJConfig(
+        vocab_size=cfg.lm_head_size, n_positions=512, n_embd=cfg.d_model, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, rotary_dim=cfg.rotary_dim, n_inner=cfg.d_ff, activation_function="gelu_new",
+        layer_norm_epsilon=1e-5, tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    hf_cfg._attn_implementation = "eager"
+    hf = GPTJForCausalLM(hf_cfg).eval()
+    ours = model.lm
+    with torch.no_grad():
+        hf.transformer.wte.weight.zero_()
+        hf.transformer.wte.weight[: cfg.vocab_size] = ours.transformer.wte.weight
+        for theirs, block in zip(hf.transformer.h, ours.transformer.h):
+            theirs.ln_1.load_state_dict(block.ln_1.state_dict())
+            attention = block.attn["attention"]
+            for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                getattr(theirs.attn, name).weight.copy_(getattr(attention, name).weight)
+            theirs.mlp.fc_in.load_state_dict(block.mlp[0].c_fc.state_dict())
+            theirs.mlp.fc_out.load_state_dict(block.mlp[0].c_proj.state_dict())
+            adapter = block.mlp[1].adapter
+            theirs.mlp = MlpWithAdapter(theirs.mlp, adapter)
+        hf.transformer.ln_f.load_state_dict(ours.transformer.ln_f.state_dict())
+        hf.lm_head.load_state_dict(ours.lm_head.state_dict())
+    return hf
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_magma):
+    torch.manual_seed(0)
+    model = tiny_magma.model
+    image = torch.randn(1, 3, 64, 64)
+    ids = tiny_magma.tokenizer.encode("A picture of a red")
+    prefix = tiny_magma.engine.embed([[image, ids]])[0][None]  # 1 x (4 + len(ids)) x D
+    return model, oracle_from(model), prefix, tiny_magma.config.model.vocab_size
+
+
+def ours_cached(model, prefix, steps, choose):
+    """Logits at the prefill and at each cached decode step, feeding back `choose(logits)`."""
+    t = prefix.shape[1]
+    model.lm.setup_caches(1, t + steps)
+    valid = torch.zeros(1, t + steps, dtype=torch.bool)
+    valid[:, :t] = True
+    slots = torch.arange(t)
+    out = [model.lm.lm_head(model(prefix, slots, slots[None], valid))[:, -1]]
+    for step in range(steps - 1):
+        token = choose(out[-1])
+        slot = torch.tensor([t + step])
+        valid[:, t + step] = True
+        hidden = model(model.embed_tokens(token)[:, None], slot, slot[None], valid)
+        out.append(model.lm.lm_head(hidden)[:, -1])
+    model.lm.clear_caches()
+    return out
+
+
+def oracle_cached(hf, prefix, steps, choose):
+    result = hf(inputs_embeds=prefix, past_key_values=DynamicCache(config=hf.config), use_cache=True)
+    out, cache = [result.logits[:, -1]], result.past_key_values
+    for _ in range(steps - 1):
+        token = choose(out[-1])
+        result = hf(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+        out.append(result.logits[:, -1])
+        cache = result.past_key_values
+    return out
+
+
+@torch.inference_mode()
+def test_prefill_logits_match_transformers(setup):
+    model, hf, prefix, _ = setup
+    t = prefix.shape[1]
+    slots = torch.arange(t)
+    ours = model.lm.lm_head(model(prefix, slots, slots[None], torch.ones(1, t, dtype=torch.bool)))
+    theirs = hf(inputs_embeds=prefix).logits
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+@torch.inference_mode()
+def test_cached_decode_logits_and_greedy_tokens_match_transformers(setup):
+    model, hf, prefix, vocab = setup
+    argmax = lambda logits: logits[:, :vocab].argmax(-1)  # noqa: E731
+    ours = ours_cached(model, prefix, 20, argmax)
+    theirs = oracle_cached(hf, prefix, 20, argmax)
+    errors = [(a - b).abs().max().item() for a, b in zip(ours, theirs)]
+    assert max(errors) < 1e-4, errors
+    assert [argmax(x).item() for x in ours] == [argmax(x).item() for x in theirs]
+
+
+@torch.inference_mode()
+def test_oracle_really_differs_without_the_adapter(setup):
+    """Guards the parity tests: the adapter changes the logits, so they do test it."""
+    model, hf, prefix, _ = setup
+    block = hf.transformer.h[0]
+    wrapped = block.mlp
+    block.mlp = wrapped.mlp
+    try:
+        without = hf(inputs_embeds=prefix).logits
+    finally:
+        block.mlp = wrapped
+    with_adapter = hf(inputs_embeds=prefix).logits
+    assert (without - with_adapter).abs().max().item() > 1e-3
