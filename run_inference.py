@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Caption an image or answer a question about it with MAGMA.
 
-    python run_inference.py --image demo_example_images/scene_1.png --prompt "A picture of"
+    python run_inference.py          # the demo model captions demo_example_images/scene_1.png
+    python run_inference.py --image demo_example_images/scene_4.png --prompt "Q: How many shapes are there? A:"
     python run_inference.py --config magma_v1_500 --checkpoint magma_demo.pt --image cat.jpg \
         --prompt "Q: What is this? A:" --temperature 0 --max_out_tokens 10 --json
 
 Every config field is a flag (`--n_layer 2`, `--top_p 0.5`, ...). `--image` and `--prompt` may be
-repeated; they are interleaved in the order given.
+repeated; they are interleaved in the order given. Tensor parallel over 4 GPUs:
+    torchrun --nproc-per-node 4 run_inference.py --config magma_v1_500 --tensor_parallel 4 --image ...
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
+
+import torch.distributed
 
 from magma_ipu import Magma, MagmaError
+from magma_ipu.images import load_image
 from magma_ipu.config import MODEL_FIELDS, TOP_FIELDS, MagmaConfig, ModelConfig, _suggest, load_config
+
+
+DEMO_IMAGE = Path(__file__).resolve().parent / "demo_example_images" / "scene_1.png"
 
 
 class _Ordered(argparse.Action):
@@ -37,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action=_Ordered, help="prompt text (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
+    parser.add_argument("--explain", action="store_true",
+                        help="with --json: per token, the top candidates before/after the filters and the "
+                             "image attention grid (mean over layers and heads)")
     fields = parser.add_argument_group("config fields (override the preset)")
     defaults = {**{f.name: f.default for f in dataclasses.fields(ModelConfig)},
                 **{f.name: f.default for f in dataclasses.fields(MagmaConfig) if f.name != "model"}}
@@ -45,6 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         fields.add_argument(f"--{name}", default=None, metavar=type(defaults[name]).__name__.upper())
     return parser
+
+
+def explain_json(magma: Magma, result) -> list[dict]:
+    settings = magma.settings()
+    steps = []
+    for step in result.explanations:
+        candidates = step.candidates(settings, n=10)
+        for c in candidates:
+            c["text"] = magma.tokenizer.backend.decode([c["id"]], skip_special_tokens=False)
+            c["p_model"], c["p_final"] = round(c["p_model"], 6), round(c["p_final"], 6)
+        steps.append({
+            "token_id": step.token_id,
+            "candidates": candidates,
+            "image_attention": None if step.image_attention is None else [
+                [[round(v, 6) for v in row] for row in step.attention_map(image=i).tolist()]
+                for i in range(step.image_attention.shape[1])
+            ],
+        })
+    return steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,24 +87,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown option {flag!r}{_suggest(flag, known)}", file=sys.stderr)
         return 2
     overrides = {k: v for k, v in vars(args).items() if k in MODEL_FIELDS + TOP_FIELDS and v is not None}
-    parts = getattr(args, "parts", None) or []
+    # no image and no prompt: caption the first demo scene, so a bare run shows what this does
+    parts = getattr(args, "parts", None) or [("image", str(DEMO_IMAGE)), ("prompt", "A picture of")]
     try:
         config = load_config(args.config, **overrides)
+        # read the images before the (slow) model load, so bad input fails at once
+        limits = dict(timeout=config.image_timeout, max_bytes=config.max_image_bytes,
+                      max_pixels=config.max_image_pixels)
+        prompt = [load_image(v, **limits) if kind == "image" else v for kind, v in parts]
         start = time.perf_counter()
-        magma = Magma.load(config, progress=not args.json)
+        magma = Magma.load(config, progress=sys.stderr.isatty() and not args.json)
         load_time = time.perf_counter() - start
-        prompt = [magma.open_image(v) if kind == "image" else v for kind, v in parts]
-        if args.stream and not args.json:
+        if args.stream and not args.json and config.tensor_parallel == 1:
             for piece in magma.stream(prompt):
                 print(piece, end="", flush=True)
             print()
             return 0
-        result = magma.generate(prompt)
+        result = magma.generate(prompt, explain=args.explain)
     except MagmaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if config.tensor_parallel > 1 and torch.distributed.get_rank() != 0:
+        return 0  # every rank computed the same tokens; rank 0 reports them
     if args.json:
-        print(json.dumps({**result.to_dict(), "config": config.name, "load_time_s": round(load_time, 3)}))
+        out = {**result.to_dict(), "config": config.name, "load_time_s": round(load_time, 3)}
+        if args.explain:
+            out["explain"] = explain_json(magma, result)
+        print(json.dumps(out))
     else:
         print(result.text)
     return 0

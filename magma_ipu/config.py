@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, SamplingError
 from .sampling import SamplingSettings
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -62,11 +62,15 @@ class MagmaConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sequence_length: int = 500  # text tokens: prompt + generated must fit
     checkpoint: str | None = None  # file path, hub reference or URL
+    checkpoint_sha256: str | None = None  # verified after a download
+    convert_checkpoint: bool = True  # first load of a .pt writes a memory-mappable safetensors copy
     tokenizer: str = "gpt2"  # tokenizer.json, a folder holding one, or a hub name
     dtype: str = "float32"
     device: str = "cpu"
     quantize: str = "none"  # "int8": weight-only int8 linear layers
     compile: bool = False  # torch.compile the decode step (CUDA graphs on CUDA)
+    tensor_parallel: int = 1  # processes (GPUs) the language model is split over; launch with torchrun
+    max_device_memory: str | None = None  # e.g. "6GiB": blocks beyond it stream from host memory
     image_timeout: float = 10.0  # seconds to wait for an image server
     max_image_bytes: int = 50_000_000  # larger image files are refused while streaming
     max_image_pixels: int = 64_000_000  # decompression-bomb guard, checked before decoding
@@ -181,7 +185,7 @@ def _validate(cfg: MagmaConfig) -> None:
         "adapter_downsample": m.adapter_downsample, "image_width": m.image_width,
         "image_resolution": m.image_resolution, "sequence_length": cfg.sequence_length,
         "image_timeout": cfg.image_timeout, "max_image_bytes": cfg.max_image_bytes,
-        "max_image_pixels": cfg.max_image_pixels,
+        "max_image_pixels": cfg.max_image_pixels, "tensor_parallel": cfg.tensor_parallel,
     }
     for name, value in positive.items():
         if not value > 0:
@@ -202,6 +206,13 @@ def _validate(cfg: MagmaConfig) -> None:
         raise ConfigError(f"image_resolution must be a multiple of 32, got {m.image_resolution}")
     if m.image_width % 2:
         raise ConfigError(f"image_width must be even, got {m.image_width}")
+    if cfg.max_device_memory is not None:
+        from .phased import parse_bytes
+
+        try:
+            parse_bytes(cfg.max_device_memory)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.quantize not in QUANTIZATIONS:
@@ -209,4 +220,7 @@ def _validate(cfg: MagmaConfig) -> None:
     if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
         raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {cfg.device!r}")
     # the sampling defaults obey the same ranges as the settings of a call
-    SamplingSettings(cfg.seed, cfg.top_p, cfg.top_k, cfg.temperature, cfg.max_out_tokens).validate()
+    try:
+        SamplingSettings(cfg.seed, cfg.top_p, cfg.top_k, cfg.temperature, cfg.max_out_tokens).validate()
+    except SamplingError as e:
+        raise ConfigError(str(e)) from None

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Sequence, Union
 
 import torch
 
+from .explain import TokenExplanation
 from .model import MagmaModel
 from .sampling import SamplingSettings, draw
 
@@ -48,8 +49,6 @@ class Engine:
         self.banned_ids = list(banned_ids)
         self.device = model.lm.transformer.wte.weight.device
         self.dtype = model.lm.transformer.wte.weight.dtype
-        self.cache_batch = 0
-        self.cache_length = 0
         self.key_valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
         self.decode_step = self._decode_step
         if compile:
@@ -92,10 +91,13 @@ class Engine:
         return embeds, valid, positions, pads
 
     def _ensure_cache(self, batch: int, length: int) -> None:
-        if batch != self.cache_batch or length > self.cache_length or not self.model.lm.has_cache:
+        """A cache of `batch` rows and at least `length` slots (the model's own is reused if it fits)."""
+        cached_batch, cached_length = self.model.lm.cache_size
+        if cached_batch != batch or cached_length < length:
             self.model.lm.setup_caches(batch, length)
-            self.cache_batch, self.cache_length = batch, length
-            self.key_valid = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
+            cached_length = length
+        if self.key_valid.shape != (batch, cached_length):
+            self.key_valid = torch.zeros(batch, cached_length, dtype=torch.bool, device=self.device)
         self.key_valid.zero_()
 
     # -- the two phases -----------------------------------------------------------------------
@@ -119,12 +121,52 @@ class Engine:
         seeds: Sequence[int],
         stats: GenerationStats | None = None,
         capacity: int = 0,
+        explain: list[list[TokenExplanation]] | None = None,
     ) -> Iterator[list[int | None]]:
         """Yield, per step, the new token of every row (None for a row that has finished).
 
         The EOS that ends a row is yielded; nothing after it. `capacity` sizes the cache so
-        that later, longer requests reuse it.
+        that later, longer requests reuse it. Given a list, `explain` receives one list per row
+        of TokenExplanation, one per yielded token (the attention is then computed eagerly).
         """
+        if explain is None:
+            yield from self._tokens(requests, settings, seeds, stats, capacity, None)
+            return
+        attentions = [block.attn["attention"] for block in self.model.lm.transformer.h]
+        for a in attentions:
+            a.capture = True
+        try:
+            explain.extend([] for _ in requests)
+            yield from self._tokens(requests, settings, seeds, stats, capacity, explain)
+        finally:
+            for a in attentions:
+                a.capture, a.captured = False, None
+
+    def _explanations(self, spans, pads, logits, out, explain) -> None:
+        attention = torch.stack([blk.attn["attention"].captured for blk in self.model.lm.transformer.h])
+        attention = attention.mean(2).cpu()  # layers x B x S, averaged over heads
+        grid = self.model.cfg.image_grid
+        for row, t in enumerate(out):
+            if t is None:
+                continue
+            maps = [attention[:, row, pads[row] + start : pads[row] + start + n].reshape(-1, grid, grid)
+                    for start, n in spans[row]]
+            explain[row].append(TokenExplanation(t, logits[row].float().cpu(), torch.stack(maps, 1) if maps else None))
+
+    def image_spans(self, requests: Sequence[Request]) -> list[list[tuple[int, int]]]:
+        """Per request, (start, length) of each image's positions in its unpadded sequence."""
+        spans = []
+        for req in requests:
+            start, row = 0, []
+            for seg in req:
+                n = self.model.cfg.image_tokens if isinstance(seg, torch.Tensor) else len(seg)
+                if isinstance(seg, torch.Tensor):
+                    row.append((start, n))
+                start += n
+            spans.append(row)
+        return spans
+
+    def _tokens(self, requests, settings, seeds, stats, capacity, explain) -> Iterator[list[int | None]]:
         stats = stats if stats is not None else GenerationStats()
         start = time.perf_counter()
         embeds, valid, positions, pads = self._left_pad(self.embed(requests))
@@ -135,7 +177,10 @@ class Engine:
         generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
 
         hidden = self.model(embeds, slots, positions, self.key_valid)
-        token = draw(self._logits(hidden[:, -1]), settings, generators)
+        logits = self._logits(hidden[:, -1])
+        token = draw(logits, settings, generators)
+        spans = self.image_spans(requests) if explain is not None else None
+        pad_list = pads.tolist()
         stats.prompt_positions = width
         finished = [False] * batch
         for step in range(settings.max_out_tokens):
@@ -147,10 +192,13 @@ class Engine:
                 self.key_valid[:, slot] = True
                 slot_t = torch.tensor([slot], device=self.device)
                 position = (slot_t - pads)[:, None]
-                logits = self.decode_step(token, slot_t, position, self.key_valid)
+                step_fn = self._decode_step if explain is not None else self.decode_step
+                logits = step_fn(token, slot_t, position, self.key_valid)
                 token = draw(logits, settings, generators)
             values = token.tolist()
             out = [None if done else t for done, t in zip(finished, values)]
+            if explain is not None:
+                self._explanations(spans, pad_list, logits, out, explain)
             finished = [done or t == self.eos_id for done, t in zip(finished, values)]
             stats.new_tokens = step + 1
             stats.decode_time = time.perf_counter() - decode_start
@@ -166,9 +214,10 @@ class Engine:
         on_token: Callable[[int, int], None] | None = None,
         stats: GenerationStats | None = None,
         capacity: int = 0,
+        explain: list[list[TokenExplanation]] | None = None,
     ) -> list[RowResult]:
         results = [RowResult() for _ in requests]
-        for step_tokens in self.tokens(requests, settings, seeds, stats, capacity):
+        for step_tokens in self.tokens(requests, settings, seeds, stats, capacity, explain):
             for row, token in enumerate(step_tokens):
                 if token is None:
                     continue
@@ -186,10 +235,5 @@ class Engine:
         no-cache benchmark). Left-padded like `tokens`; B x T x V."""
         embeds, key_valid, positions, _ = self._left_pad(self.embed(requests))
         slots = torch.arange(key_valid.shape[1], device=self.device)
-        cached = self.model.lm.has_cache
-        self.model.lm.clear_caches()
-        try:
-            return self._logits(self.model(embeds, slots, positions, key_valid))
-        finally:
-            if cached:
-                self.cache_batch = 0  # caches were dropped; the next request rebuilds them
+        self.model.lm.clear_caches()  # the next request builds them again
+        return self._logits(self.model(embeds, slots, positions, key_valid))

@@ -61,7 +61,7 @@ def _read_source(source: str, timeout: float, max_bytes: int) -> bytes:
         raise ImageError(f"image file {source!r} does not exist")
     size = path.stat().st_size
     if size > max_bytes:
-        raise ImageError(f"image file {source!r} is {size} bytes, over the limit of {max_bytes}")
+        raise ImageError(f"image file {source!r} is {size} bytes, over the limit of {max_bytes} bytes")
     return path.read_bytes()
 
 
@@ -113,6 +113,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
     """CLIP's preprocessing of an RGB image -> 1 x 3 x R x R float32."""
+    pixels = np.asarray(center_crop(image, resolution), dtype=np.float32) / 255.0  # R x R x 3
+    pixels = (pixels - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())[None]
+
+
+def center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """The R x R picture the model sees: shorter side resized to R (bicubic), then center-cropped."""
     width, height = image.size
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(resolution * long / short)
@@ -121,7 +128,4 @@ def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
     # torchvision's center crop offsets: int(round(...)) with Python's round-half-to-even
     top = int(round((resized.height - resolution) / 2.0))
     left = int(round((resized.width - resolution) / 2.0))
-    cropped = resized.crop((left, top, left + resolution, top + resolution))
-    pixels = np.asarray(cropped, dtype=np.float32) / 255.0  # R x R x 3
-    pixels = (pixels - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
-    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())[None]
+    return resized.crop((left, top, left + resolution, top + resolution))

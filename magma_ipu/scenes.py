@@ -1,9 +1,9 @@
 """The demo model's world: procedurally drawn scenes of coloured shapes, with captions and Q/A.
 
 A scene has a background and one to three objects, each a distinct shape and a distinct colour,
-small or large, in distinct cells of a 3 x 3 grid. Captions list the objects left to right
-("A picture of a small red circle to the left of a large blue star."); questions ask for a
-colour, a shape, a size, the count or the background.
+small or large, in distinct cells of a 3 x 3 grid. Captions list the objects in reading order,
+top row first, left to right ("A picture of a small red circle to the left of a large blue star.");
+questions ask for a colour, a shape, a size, the count or the background.
 """
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ BACKGROUNDS = {"white": (245, 245, 245), "grey": (150, 150, 150), "black": (15, 
 SIZES = ("small", "large")
 NUMBERS = ("zero", "one", "two", "three")
 CAPTION_PROMPT = "A picture of"
+GRID = 3
+# Scene notation: one token per grid cell (row-major, top row first), naming the object in it or,
+# for an empty cell, the background. The demo model's language model learns to read it from text
+# in its first training stage; the image prefix then learns to stand in for it.
+NOTATION_TOKENS = tuple(
+    [f"<|{size} {colour} {shape}|>" for size in SIZES for colour in COLOURS for shape in SHAPES]
+    + [f"<|{background}|>" for background in BACKGROUNDS]
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,14 @@ class SceneObject:
     def phrase(self) -> str:
         return f"a {self.size} {self.colour} {self.shape}"
 
+    @property
+    def row(self) -> int:
+        return int(self.y * GRID)
+
+    @property
+    def column(self) -> int:
+        return int(self.x * GRID)
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -48,19 +64,22 @@ class Scene:
     objects: tuple[SceneObject, ...]
 
     def caption(self) -> str:
-        objs = sorted(self.objects, key=lambda o: (o.x, o.y))
+        objs = sorted(self.objects, key=lambda o: (o.row, o.x))  # reading order: top row first, left to right
         if len(objs) == 1:
             body = objs[0].phrase
         elif len(objs) == 2:
             a, b = objs
-            dx, dy = b.x - a.x, b.y - a.y
-            if abs(dx) >= abs(dy):
-                body = f"{a.phrase} to the left of {b.phrase}"
-            else:
-                body = f"{a.phrase} {'above' if dy > 0 else 'below'} {b.phrase}"
+            body = f"{a.phrase} {'to the left of' if a.row == b.row else 'above'} {b.phrase}"
         else:
             body = ", ".join(o.phrase for o in objs[:-1]) + f" and {objs[-1].phrase}"
         return f" {body}."
+
+    def notation(self) -> str:
+        """The scene in scene notation: GRID * GRID tokens, the cell in row r, column c at r * GRID + c."""
+        cells = [f"<|{self.background}|>"] * GRID**2
+        for o in self.objects:
+            cells[o.row * GRID + o.column] = f"<|{o.size} {o.colour} {o.shape}|>"
+        return "".join(cells)
 
     def questions(self) -> list[tuple[str, str]]:
         """(question prompt, answer) pairs; the prompt ends with 'A:' and the answer starts with a space."""

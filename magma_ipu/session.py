@@ -17,17 +17,19 @@ from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 import torch
+import torch.distributed
 from PIL import Image
 
 from .config import MagmaConfig, load_config
 from .download import resolve_checkpoint
 from .errors import ConfigError, PromptError
-from .generation import Engine, GenerationStats, RowResult
+from .explain import TokenExplanation
+from .generation import Engine, GenerationStats
 from .images import ImageInput, load_image, preprocess
 from .model import MagmaModel
 from .sampling import SamplingSettings
 from .text import TextStream, Tokenizer
-from .weights import load_checkpoint
+from .weights import converted_checkpoint, load_checkpoint
 
 ImageLike = Union[Image.Image, np.ndarray]
 Prompt = Union[str, Sequence[Union[str, ImageLike]]]
@@ -41,6 +43,7 @@ class Generation:
     token_ids: list[int]  # generated ids, EOS excluded
     finish_reason: str  # "eos" or "length"
     stats: GenerationStats = field(default_factory=GenerationStats)
+    explanations: list[TokenExplanation] | None = None  # one per generated token (EOS included)
 
     def to_dict(self) -> dict[str, Any]:
         s = self.stats
@@ -56,18 +59,48 @@ class Generation:
 
 
 def build_model(config: MagmaConfig, checkpoint: str | Path | None, progress: bool = False) -> MagmaModel:
-    """The model of `config`, with weights from `checkpoint`, or random ones (seeded) if None."""
-    dtype, device = DTYPES[config.dtype], torch.device(config.device)
+    """The model of `config`, with weights from `checkpoint`, or random ones (seeded) if None.
+    With `tensor_parallel` > 1 (under torchrun), this process's shard of it."""
+    dtype = DTYPES[config.dtype]
     if checkpoint is None:
+        if config.tensor_parallel > 1:
+            raise ConfigError("tensor_parallel > 1 needs a checkpoint (each process reads its own slices of it)")
         torch.manual_seed(config.seed)
-        model = MagmaModel(config.model)
+        # built where it runs (a full-size model never passes through host memory), unless phased
+        with torch.device("cpu" if config.max_device_memory else config.device):
+            model = MagmaModel(config.model)
         init_random(model)
-        model = model.to(device=device, dtype=dtype)
+        model = model.to(dtype=dtype)
     else:
+        rank, world, device = 0, 1, config.device
+        if config.tensor_parallel > 1:
+            from .parallel import init_from_env
+
+            rank, world, device = init_from_env(config.device)
+            if world != config.tensor_parallel:
+                raise ConfigError(f"tensor_parallel is {config.tensor_parallel} but {world} processes were launched "
+                                  f"(torchrun --nproc-per-node {config.tensor_parallel})")
         with torch.device("meta"):
             model = MagmaModel(config.model)
-        load_checkpoint(model, checkpoint, dtype, device, progress=progress)
+        checkpoint = Path(checkpoint)
+        if config.convert_checkpoint and checkpoint.suffix != ".safetensors":
+            if rank == 0:  # one process converts; the others wait, then map the same file
+                converted_checkpoint(model, checkpoint, dtype, progress=progress)
+            if world > 1:
+                torch.distributed.barrier()
+            checkpoint = converted_checkpoint(model, checkpoint, dtype)
+        if world > 1:
+            from .parallel import shard_model
+
+            shard_model(model, rank, world)
+        if config.max_device_memory is not None:
+            device = "cpu"  # PhasedBlocks below decides what goes to the device
+        load_checkpoint(model, checkpoint, dtype, device, progress=progress and rank == 0, rank=rank, world=world)
     model.eval()
+    if config.max_device_memory is not None:
+        from .phased import PhasedBlocks, parse_bytes
+
+        model.phased = PhasedBlocks(model, parse_bytes(config.max_device_memory), config.device)
     if config.quantize == "int8":
         from .quantize import quantize_int8
 
@@ -96,8 +129,8 @@ class Magma:
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
-        self.engine = Engine(model, tokenizer.eos_id, banned_ids=[tokenizer.image_id], compile=config.compile)
-        self.load_count = 1
+        banned = sorted(tokenizer.special_ids - {tokenizer.eos_id})  # placeholders, never text to show
+        self.engine = Engine(model, tokenizer.eos_id, banned_ids=banned, compile=config.compile)
 
     @classmethod
     def load(
@@ -121,7 +154,7 @@ class Magma:
                 "or use the embedded 'demo' model"
             )
         else:
-            checkpoint = resolve_checkpoint(cfg.checkpoint)
+            checkpoint = resolve_checkpoint(cfg.checkpoint, sha256=cfg.checkpoint_sha256, progress=progress)
         return cls(cfg, build_model(cfg, checkpoint, progress=progress), tokenizer)
 
     # -- inputs -------------------------------------------------------------------------------
@@ -142,18 +175,19 @@ class Magma:
 
     def request(self, prompt: Prompt, image: ImageInput | None, max_out_tokens: int) -> list:
         """Segments for the engine: image tensors and token-id lists, in prompt order."""
-        parts: list = [image] if image is not None else []
         if isinstance(prompt, str):
-            parts.append(prompt)
+            parts = [prompt]
         elif isinstance(prompt, Sequence):
-            parts.extend(prompt)
+            parts = list(prompt)
         else:
             raise PromptError(f"prompt must be a string or a list of strings and images, got {type(prompt).__name__}")
-        segments, text_tokens = [], 0
+        segments: list = [self.image_tensor(image)] if image is not None else []
+        text_tokens = 0
         for part in parts:
             if isinstance(part, str):
-                if "<|endoftext|>" in part or "<|image|>" in part:
-                    raise PromptError("prompt text must not contain the special tokens <|endoftext|> or <|image|>")
+                found = sorted(t for t in self.tokenizer.special_tokens if t in part)
+                if found:
+                    raise PromptError(f"prompt text must not contain special tokens: {', '.join(found)}")
                 ids = self.tokenizer.encode(part)
                 text_tokens += len(ids)
                 segments.append(ids)
@@ -175,18 +209,22 @@ class Magma:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def generate(self, prompt: Prompt = "", image: ImageInput | None = None, **sampling: Any) -> Generation:
+    def generate(
+        self, prompt: Prompt = "", image: ImageInput | None = None, explain: bool = False, **sampling: Any
+    ) -> Generation:
         """One completion. `sampling`: seed, top_p, top_k, temperature, max_out_tokens."""
-        return self.generate_batch([prompt], images=[image], **sampling)[0]
+        return self.generate_batch([prompt], images=[image], explain=explain, **sampling)[0]
 
     def generate_batch(
         self,
         prompts: Sequence[Prompt],
         images: Sequence[ImageInput | None] | None = None,
         seeds: Sequence[int] | None = None,
+        explain: bool = False,
         **sampling: Any,
     ) -> list[Generation]:
-        """Several prompts at once; each row gives what it would give alone (same seed)."""
+        """Several prompts at once; each row gives what it would give alone (same seed).
+        `explain=True` adds each token's logits and image attention (see TokenExplanation)."""
         if not prompts:
             raise PromptError("prompts must not be empty")
         images = list(images) if images is not None else [None] * len(prompts)
@@ -198,11 +236,14 @@ class Magma:
             SamplingSettings(seed=seed).validate()
         requests = [self.request(p, im, settings.max_out_tokens) for p, im in zip(prompts, images)]
         stats = GenerationStats()
-        rows = self.engine.generate(requests, settings, seeds, stats=stats, capacity=self._capacity())
-        return [self._result(row, stats) for row in rows]
-
-    def _result(self, row: RowResult, stats: GenerationStats) -> Generation:
-        return Generation(self.tokenizer.decode(row.token_ids), row.token_ids, row.finish_reason, stats)
+        explanations: list | None = [] if explain else None
+        rows = self.engine.generate(requests, settings, seeds, stats=stats, capacity=self._capacity(),
+                                    explain=explanations)
+        return [
+            Generation(self.tokenizer.decode(row.token_ids), row.token_ids, row.finish_reason, stats,
+                       explanations[i] if explain else None)
+            for i, row in enumerate(rows)
+        ]
 
     def stream(self, prompt: Prompt = "", image: ImageInput | None = None, **sampling: Any) -> Iterator[str]:
         """Yield text pieces as tokens are decoded (always whole characters)."""
@@ -211,14 +252,23 @@ class Magma:
                 yield piece
 
     def stream_with_stats(
-        self, prompt: Prompt = "", image: ImageInput | None = None, **sampling: Any
+        self,
+        prompt: Prompt = "",
+        image: ImageInput | None = None,
+        explain: list[TokenExplanation] | None = None,
+        **sampling: Any,
     ) -> Iterator[tuple[str, GenerationStats]]:
-        """Text pieces with the running timing figures; the last piece may be empty."""
+        """Text pieces with the running timing figures; the last piece may be empty.
+        Given a list, `explain` receives a TokenExplanation per generated token."""
         settings = self.settings(**sampling)
         request = self.request(prompt, image, settings.max_out_tokens)
         stats = GenerationStats()
         text = TextStream(self.tokenizer)
-        for (token,) in self.engine.tokens([request], settings, [settings.seed], stats, self._capacity()):
+        rows: list | None = [] if explain is not None else None
+        tokens = self.engine.tokens([request], settings, [settings.seed], stats, self._capacity(), explain=rows)
+        for (token,) in tokens:
+            if rows:
+                explain[:] = rows[0]
             if token is None or token == self.tokenizer.eos_id:
                 break
             piece = text.push(token)

@@ -22,7 +22,8 @@ class Tokenizer:
             raise ConfigError(f"tokenizer has no {EOS_TOKEN} token")
         self.eos_id: int = eos
         self.image_id: int = backend.token_to_id(IMAGE_TOKEN)
-        self.special_ids = frozenset({self.eos_id, self.image_id})
+        self.special_ids = frozenset(i for i, t in backend.get_added_tokens_decoder().items() if t.special)
+        self.special_tokens = frozenset(t.content for t in backend.get_added_tokens_decoder().values() if t.special)
 
     @classmethod
     def load(cls, source: str | Path) -> "Tokenizer":
@@ -77,19 +78,20 @@ class TextStream:
         return piece
 
 
-def train_byte_level_bpe(texts, vocab_size: int) -> Tokenizer:
+def train_byte_level_bpe(texts, vocab_size: int, extra_special: tuple[str, ...] = ()) -> Tokenizer:
     """A GPT-2-style byte-level BPE trained on `texts`, with EOS and the image token added last
-    (as in GPT-2 + MAGMA: ..., <|endoftext|>, <|image|>)."""
+    (as in GPT-2 + MAGMA: ..., <|endoftext|>, <|image|>); `extra_special` tokens go just before them."""
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     backend = _HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - 2,
+        vocab_size=vocab_size - 2 - len(extra_special),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer)
-    backend.add_special_tokens([AddedToken(EOS_TOKEN, special=True), AddedToken(IMAGE_TOKEN, special=True)])
+    specials = [*extra_special, EOS_TOKEN, IMAGE_TOKEN]
+    backend.add_special_tokens([AddedToken(t, special=True) for t in specials])
     return Tokenizer(backend)

@@ -61,3 +61,75 @@ def tiny_magma(tiny_cfg, tokenizer):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.1, 0.1)
     return Magma(tiny_cfg, model, tokenizer)
+
+
+class LocalServer:
+    """A real HTTP server on 127.0.0.1 serving registered routes: path -> (status, headers, body)
+    or a callable(handler) for special behaviour (slow, cut off, streaming without a length)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        routes = self.routes = {}
+        self.requests = []
+        log = self.requests
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                log.append((self.path, dict(self.headers)))
+                route = routes.get(self.path)
+                if route is None:
+                    self.send_error(404, "Not Found")
+                elif callable(route):
+                    route(self)
+                else:
+                    status, headers, body = route
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def http_server():
+    server = LocalServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def demo_magma():
+    return Magma.load("demo")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """Downloads and conversions of the tests go to a temporary cache, never the user's."""
+    import os
+
+    path = tmp_path_factory.mktemp("magma_cache")
+    saved = os.environ.get("MAGMA_CACHE")
+    os.environ["MAGMA_CACHE"] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop("MAGMA_CACHE", None)
+    else:
+        os.environ["MAGMA_CACHE"] = saved

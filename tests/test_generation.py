@@ -155,8 +155,29 @@ def test_empty_prompt_is_refused(tiny_magma):
 def test_a_larger_request_after_a_small_one_reuses_or_grows_the_cache(tiny_magma):
     engine: Engine = tiny_magma.engine
     tiny_magma.generate("a", temperature=0, max_out_tokens=2)
-    length = engine.cache_length
+    _, length = engine.model.lm.cache_size
+    assert length == tiny_magma.config.model.image_tokens + tiny_magma.config.sequence_length
     tiny_magma.generate([picture(1), "a", picture(2), "b", picture(3)], temperature=0, max_out_tokens=2)
-    assert engine.cache_length >= length
+    assert engine.model.lm.cache_size[1] == length  # fits: reused
+    many = [picture(i) for i in range(14)] + ["a"]
+    tiny_magma.generate(many, temperature=0, max_out_tokens=2)
+    assert engine.model.lm.cache_size[1] > length  # fourteen images need more than one image's room
     again = tiny_magma.generate("a", temperature=0, max_out_tokens=2)
     assert again.token_ids == tiny_magma.generate("a", temperature=0, max_out_tokens=2).token_ids
+
+
+def test_compiled_decode_step_gives_the_eager_tokens(tiny_magma):
+    engine = Engine(tiny_magma.model, tiny_magma.tokenizer.eos_id, tiny_magma.engine.banned_ids, compile=True)
+    request = tiny_magma.request("A picture of", picture(1), 10)
+    settings = SamplingSettings(temperature=0, max_out_tokens=10)
+    steps = []
+    original = engine.decode_step
+    engine.decode_step = lambda *a: steps.append(original(*a)) or steps[-1]
+    compiled = engine.generate([request], settings, [0])[0].token_ids
+    engine.decode_step = original
+    again = engine.generate([request], SamplingSettings(temperature=0, max_out_tokens=6), [0])[0].token_ids
+    eager = tiny_magma.engine.generate([request], settings, [0])[0].token_ids
+    assert compiled == eager and again == eager[:6]
+    for step, logits in enumerate(steps, start=1):
+        full = tiny_magma.engine.full_logits([list(request) + [compiled[:step]]])[:, -1]
+        assert max_diff(logits, full) < 1e-4

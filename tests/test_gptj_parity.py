@@ -2,49 +2,11 @@
 
 import pytest
 import torch
-from torch import nn
 
 transformers = pytest.importorskip("transformers")
-from transformers import DynamicCache, GPTJConfig, GPTJForCausalLM  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 
-
-class MlpWithAdapter(nn.Module):
-    """transformers' GPT-J MLP followed by MAGMA's adapter, m + adapter(m)."""
-
-    def __init__(self, mlp, adapter):
-        super().__init__()
-        self.mlp, self.adapter = mlp, adapter
-
-    def forward(self, h):
-        m = self.mlp(h)
-        return m + self.adapter(m)
-
-
-def oracle_from(model) -> GPTJForCausalLM:
-    cfg = model.cfg
-    hf_cfg = GPTJConfig(
-        vocab_size=cfg.lm_head_size, n_positions=512, n_embd=cfg.d_model, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, rotary_dim=cfg.rotary_dim, n_inner=cfg.d_ff, activation_function="gelu_new",
-        layer_norm_epsilon=1e-5, tie_word_embeddings=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
-    hf_cfg._attn_implementation = "eager"
-    hf = GPTJForCausalLM(hf_cfg).eval()
-    ours = model.lm
-    with torch.no_grad():
-        hf.transformer.wte.weight.zero_()
-        hf.transformer.wte.weight[: cfg.vocab_size] = ours.transformer.wte.weight
-        for theirs, block in zip(hf.transformer.h, ours.transformer.h):
-            theirs.ln_1.load_state_dict(block.ln_1.state_dict())
-            attention = block.attn["attention"]
-            for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                getattr(theirs.attn, name).weight.copy_(getattr(attention, name).weight)
-            theirs.mlp.fc_in.load_state_dict(block.mlp[0].c_fc.state_dict())
-            theirs.mlp.fc_out.load_state_dict(block.mlp[0].c_proj.state_dict())
-            adapter = block.mlp[1].adapter
-            theirs.mlp = MlpWithAdapter(theirs.mlp, adapter)
-        hf.transformer.ln_f.load_state_dict(ours.transformer.ln_f.state_dict())
-        hf.lm_head.load_state_dict(ours.lm_head.state_dict())
-    return hf
+from magma_ipu.reference import transformers_gptj  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +16,7 @@ def setup(tiny_magma):
     image = torch.randn(1, 3, 64, 64)
     ids = tiny_magma.tokenizer.encode("A picture of a red")
     prefix = tiny_magma.engine.embed([[image, ids]])[0][None]  # 1 x (4 + len(ids)) x D
-    return model, oracle_from(model), prefix, tiny_magma.config.model.vocab_size
+    return model, transformers_gptj(model), prefix, tiny_magma.config.model.vocab_size
 
 
 def ours_cached(model, prefix, steps, choose):

@@ -49,18 +49,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.kv_cache: KVCache | None = None
+        self.capture = False  # keep the last query's attention weights (B x H x S) for explanations
+        self.captured: torch.Tensor | None = None
 
     def forward(self, x, cos, sin, slots, mask):
         # x: B x T x D;  mask: B x 1 x T x S (True = may attend)
-        b, t, d = x.shape
+        b, t, _ = x.shape
         q = apply_rotary(self.q_proj(x).view(b, t, self.n_head, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).view(b, t, self.n_head, self.head_dim), cos, sin)
         v = self.v_proj(x).view(b, t, self.n_head, self.head_dim)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # B x H x T x hd
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(slots, k, v)  # B x H x S x hd
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, d))
+        if self.capture:  # the same attention, written out so its weights can be kept
+            scores = (q @ k.transpose(-2, -1)) / self.head_dim**0.5
+            weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            self.captured = weights[:, :, -1].float()
+            y = weights @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -119,17 +127,18 @@ class GPTJ(nn.Module):
         """Allocate a static cache of `length` slots per row; the forward then writes into it."""
         w = self.transformer.wte.weight
         for block in self.transformer.h:
-            block.attn["attention"].kv_cache = KVCache(
-                batch, self.cfg.n_head, length, self.cfg.head_dim, w.dtype, w.device
-            )
+            attention = block.attn["attention"]  # its own head count: fewer under tensor parallelism
+            attention.kv_cache = KVCache(batch, attention.n_head, length, attention.head_dim, w.dtype, w.device)
 
     def clear_caches(self) -> None:
         for block in self.transformer.h:
             block.attn["attention"].kv_cache = None
 
     @property
-    def has_cache(self) -> bool:
-        return self.transformer.h[0].attn["attention"].kv_cache is not None
+    def cache_size(self) -> tuple[int, int]:
+        """(batch, length) of the key/value cache; (0, 0) when there is none."""
+        cache = self.transformer.h[0].attn["attention"].kv_cache
+        return (0, 0) if cache is None else (cache.k.shape[0], cache.k.shape[2])
 
     def forward(self, embeds, slots, positions, key_valid):
         """Hidden states after ln_f.

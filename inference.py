@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""Benchmark MAGMA generation on random weights of any config, against two baselines measured in
+the same run on the same weights:
+  reference  transformers' GPTJForCausalLM (same adapters, same image-prefix embeddings), own cache;
+  no-cache   the IPU demo's scheme: image encoder and the whole padded sequence rerun for every token;
+and against the hardware: weight bytes read per token / measured memory bandwidth, and one plain
+F.linear pass over the same float weights (the weight-sweep floor).
+
+    python inference.py --config bench_cpu --new_tokens 32               # CPU, float32
+    python inference.py --config bench_cpu --quantize int8               # CPU, int8 (fbgemm)
+    python inference.py --config magma_v1_500 --device cuda --dtype bfloat16 --compile true
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from magma_ipu.config import load_config
+from magma_ipu.generation import Engine, GenerationStats
+from magma_ipu.sampling import SamplingSettings
+from magma_ipu.session import build_model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeat=3) -> float:
+    """Median seconds of `repeat` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def memory_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a large copy (read + write counted)."""
+    n = (1 << 28) if device.type == "cpu" else (1 << 30)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * n / timed(lambda: dst.copy_(src), device, repeat=5)
+
+
+def lm_weight_bytes(model) -> int:
+    """Bytes of language-model weights read per decoded token (all of them but the embedding)."""
+    total = 0
+    for name, t in list(model.lm.named_parameters()) + list(model.lm.named_buffers()):
+        if "wte" not in name:
+            total += t.numel() * t.element_size()
+    for module in model.lm.modules():  # fbgemm's packed int8 weights are not parameters
+        if hasattr(module, "_packed_params"):
+            w = module.weight()
+            total += w.numel() * w.element_size() + module.out_features * 8
+    return total
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@torch.inference_mode()
+def reference_decode(hf, prefix: torch.Tensor, new_tokens: int, device) -> tuple[float, float]:
+    """transformers with its own cache: (time to first token, seconds per later token)."""
+    from transformers import DynamicCache
+
+    sync(device)
+    start = time.perf_counter()
+    out = hf(inputs_embeds=prefix, past_key_values=DynamicCache(config=hf.config), use_cache=True)
+    token = out.logits[:, -1].argmax(-1)
+    sync(device)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    cache = out.past_key_values
+    for _ in range(new_tokens - 1):
+        out = hf(input_ids=token[:, None], past_key_values=cache, use_cache=True)
+        token, cache = out.logits[:, -1].argmax(-1), out.past_key_values
+    sync(device)
+    return first, (time.perf_counter() - start) / max(1, new_tokens - 1)
+
+
+@torch.inference_mode()
+def nocache_step(engine: Engine, model, request, padded_length: int) -> None:
+    """One token the IPU demo's way: image encoder + the whole padded sequence, no cache."""
+    sequence = engine.embed([request])[0]
+    embeds = torch.zeros(1, padded_length, sequence.shape[-1], dtype=sequence.dtype, device=sequence.device)
+    embeds[0, : len(sequence)] = sequence
+    slots = torch.arange(padded_length, device=sequence.device)
+    hidden = model(embeds, slots, slots[None], torch.ones(1, padded_length, dtype=torch.bool, device=slots.device))
+    model.logits(hidden[:, len(sequence) - 1]).argmax(-1).item()
+
+
+@torch.inference_mode()
+def weight_sweep(model, batch: int, device) -> float:
+    """Seconds for one F.linear pass of a batch of vectors over every LM weight matrix."""
+    mats = [(m.weight, m.bias) for m in model.lm.modules() if isinstance(m, torch.nn.Linear)]
+    x = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=w.dtype, device=device) for w, _ in mats}
+    return timed(lambda: [F.linear(x[w.shape[1]], w, b) for w, b in mats], device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="bench_cpu")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--prompt_tokens", type=int, default=20)
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quantize", default="none", choices=["none", "int8"])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--compile", default="false", choices=["true", "false"])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--skip", default="", help="comma-separated: reference,nocache,sweep")
+    parser.add_argument("--quick", action="store_true", help="a seconds-long run on the demo-sized model (CI)")
+    args = parser.parse_args()
+    if args.quick:
+        args.config, args.new_tokens, args.prompt_tokens = "demo", 8, 6
+    torch.set_num_threads(args.threads)
+    skip = set(filter(None, args.skip.split(",")))
+    overrides = {k: v for k, v in (("dtype", args.dtype), ("device", args.device)) if v is not None}
+    cfg = load_config(args.config, compile=args.compile, **overrides)
+    device = torch.device(cfg.device)
+    model = build_model(cfg.replace(quantize="none", compile=False), None)  # unquantized: the baselines use it
+    vocab = cfg.model.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(1, 3, cfg.model.image_resolution, cfg.model.image_resolution, generator=gen)
+    requests = [[image, torch.randint(0, vocab - 2, (args.prompt_tokens,), generator=gen).tolist()]
+                for _ in range(args.batch_size)]
+    settings = SamplingSettings(temperature=0, max_out_tokens=args.new_tokens)
+    seeds = [0] * args.batch_size
+    base_engine = Engine(model, eos_id=-1)
+    row: dict = {"config": cfg.name, "device": str(device), "dtype": cfg.dtype, "quantize": args.quantize,
+                 "batch_size": args.batch_size, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
+                 "threads": args.threads, "compile": cfg.compile}
+
+    check_accuracy = args.quantize != "none" or cfg.dtype != "float32"
+    if check_accuracy:  # the float32 model with the same seed gives the same random weights
+        f32 = Engine(build_model(cfg.replace(dtype="float32", quantize="none", compile=False), None), eos_id=-1)
+        float_tokens = f32.generate(requests[:1], settings, [0])[0].token_ids
+        path = [requests[0][0], requests[0][1] + float_tokens]
+        float_logits = f32.full_logits([path])[0, -len(float_tokens) - 1 :]
+        del f32
+    if "reference" not in skip:
+        from magma_ipu.reference import transformers_gptj
+
+        hf = transformers_gptj(model)
+        prefix = base_engine.embed(requests[:1])[0][None]
+        reference_decode(hf, prefix, 4, device)  # warm-up
+        ref_first, ref_per_token = reference_decode(hf, prefix, args.new_tokens, device)
+        del hf
+    if "nocache" not in skip:
+        padded = cfg.model.image_tokens + cfg.sequence_length
+        nocache_per_token = timed(lambda: nocache_step(base_engine, model, requests[0], padded), device, repeat=2)
+    if "sweep" not in skip:
+        sweep = weight_sweep(model, args.batch_size, device)
+
+    if args.quantize == "int8":
+        from magma_ipu.quantize import quantize_int8
+
+        quantize_int8(model)
+    engine = Engine(model, eos_id=-1, compile=cfg.compile)
+    engine.generate(requests, SamplingSettings(temperature=0, max_out_tokens=4), seeds)  # warm-up / compile
+    runs = []
+    for _ in range(3):
+        stats = GenerationStats()
+        results = engine.generate(requests, settings, seeds, stats=stats)
+        runs.append(stats)
+    stats = sorted(runs, key=lambda s: s.decode_time)[1]
+    decode_per_token = stats.decode_time / max(1, stats.new_tokens - 1)
+    request_time = stats.time_to_first_token + stats.decode_time
+    weight_bytes = lm_weight_bytes(model)
+    bandwidth = memory_bandwidth(device)
+    row.update({
+        "time_to_first_token_ms": round(stats.time_to_first_token * 1e3, 2),
+        "decode_ms_per_token": round(decode_per_token * 1e3, 3),
+        "tokens_per_s": round(args.batch_size / decode_per_token, 2),
+        "request_ms": round(request_time * 1e3, 1),
+        "peak_memory_mb": round(peak_memory(device) / 2**20, 1),
+        "weight_bytes_per_token": weight_bytes,
+        "memory_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "fraction_of_bandwidth_limit": round(weight_bytes / bandwidth / decode_per_token, 3),
+    })
+    if check_accuracy:
+        tokens = results[0].token_ids
+        agree = next((i for i, (a, b) in enumerate(zip(tokens, float_tokens)) if a != b), len(tokens))
+        ours = engine.full_logits([path])[0, -len(float_tokens) - 1 :].float().cpu()
+        ref = float_logits.cpu()
+        finite = torch.isfinite(ref)
+        row.update({"greedy_tokens_agreeing_with_float32": agree,
+                    "max_logit_error": round((ours - ref)[finite].abs().max().item(), 5),
+                    "logit_scale": round(ref[finite].abs().max().item(), 3)})
+    if "reference" not in skip:
+        row.update({"reference_decode_ms_per_token": round(ref_per_token * 1e3, 3),
+                    "reference_time_to_first_token_ms": round(ref_first * 1e3, 2),
+                    "speedup_vs_reference": round(ref_per_token / decode_per_token, 2)})
+    if "nocache" not in skip:
+        row.update({"nocache_ms_per_token": round(nocache_per_token * 1e3, 1),
+                    "request_speedup_vs_nocache": round(nocache_per_token * args.new_tokens / request_time, 1)})
+    if "sweep" not in skip:
+        row.update({"float32_weight_sweep_ms": round(sweep * 1e3, 3),
+                    "decode_over_weight_sweep": round(decode_per_token / sweep, 3)})
+    width = max(len(k) for k in row)
+    for key, value in row.items():
+        print(f"{key:<{width}}  {value}")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

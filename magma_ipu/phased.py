@@ -1,0 +1,90 @@
+"""Phased execution: run a model larger than the device's memory budget, as the IPU demo ran
+GPT-J phase by phase out of remote memory.
+
+Everything but the GPT-J blocks stays on the device; blocks stay resident while the budget lasts
+and the rest live in (pinned) host memory. Each streamed block is copied in just before it runs,
+and the next streamed block's copy is started on a side stream while the current one computes,
+so transfer and compute overlap. The arithmetic is the resident model's: logits are equal.
+A step then costs at least (streamed weight bytes / host-to-device bandwidth): it pays off when
+many positions share each pass (long prompts, batches), not for one token at a time.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .model import MagmaModel
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'6GiB', '500MB', '1e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"max_device_memory must look like '6GiB', '500MB' or a number of bytes, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _nbytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+class PhasedBlocks:
+    """Streams the blocks of `model.lm` that do not fit `budget` bytes on `device`."""
+
+    def __init__(self, model: MagmaModel, budget: int, device: torch.device | str):
+        self.device = torch.device(device)
+        blocks = list(model.lm.transformer.h)
+        per_block = _nbytes(blocks[0])
+        fixed = _nbytes(model) - per_block * len(blocks)
+        # two slots are kept free for streaming: the block that runs and the one being copied in
+        fits = max(0, (budget - fixed) // per_block - 2) if budget > fixed + 2 * per_block else -1
+        if fits < 0:
+            raise ValueError(f"max_device_memory {budget} bytes cannot hold the non-block weights ({fixed} bytes) "
+                             f"and two blocks in flight ({2 * per_block} bytes)")
+        self.resident = min(fits, len(blocks))
+        self.streamed = blocks[self.resident :]
+        self.transfers = 0
+        for module in [model.image_prefix, model.lm.transformer.wte, model.lm.transformer.ln_f, model.lm.lm_head,
+                       *blocks[: self.resident]]:
+            module.to(self.device)
+        pin = self.device.type == "cuda"
+        self.host = [{name: (p.data.cpu().pin_memory() if pin else p.data.cpu()) for name, p in b.named_parameters()}
+                     for b in self.streamed]
+        for block, host in zip(self.streamed, self.host):
+            for name, p in block.named_parameters():
+                p.data = host[name]
+        self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.pending: dict[int, tuple[dict, object]] = {}
+        for i, block in enumerate(self.streamed):
+            block.register_forward_pre_hook(lambda _m, _a, i=i: self._bring_in(i))
+            block.register_forward_hook(lambda _m, _a, _out, i=i: self._send_back(i))
+
+    def _copy(self, i: int) -> tuple[dict, object]:
+        self.transfers += 1
+        if self.side is None:  # CPU: the same path, with a plain copy standing in for the transfer
+            return {n: t.clone() for n, t in self.host[i].items()}, None
+        with torch.cuda.stream(self.side):
+            tensors = {n: t.to(self.device, non_blocking=True) for n, t in self.host[i].items()}
+            event = torch.cuda.Event()
+            event.record(self.side)
+        return tensors, event
+
+    def _bring_in(self, i: int) -> None:
+        tensors, event = self.pending.pop(i, None) or self._copy(i)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+            for t in tensors.values():  # used on the main stream: keep the allocator from reusing early
+                t.record_stream(torch.cuda.current_stream(self.device))
+        for name, p in self.streamed[i].named_parameters():
+            p.data = tensors[name]
+        if i + 1 < len(self.streamed):  # overlap: the next block's copy runs while this one computes
+            self.pending[i + 1] = self._copy(i + 1)
+
+    def _send_back(self, i: int) -> None:
+        for name, p in self.streamed[i].named_parameters():
+            p.data = self.host[i][name]

@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Time and peak resident memory of converting and loading a MAGMA checkpoint.
+
+Writes a synthetic checkpoint in the real format (DeepSpeed `.pt`, state dict under "module",
+random fp16 weights, attention buffers and alias keys included) of the chosen config, then, each in
+a fresh process: converts it to the safetensors cache, and loads the converted file into the model.
+Prints one JSON line with seconds, peak RSS, and the RSS added over the process's baseline
+(interpreter and libraries) divided by the converted weight bytes.
+
+    python scripts/checkpoint_memory.py --config magma_v1_500 --workdir /big/disk   # 13 GB on disk
+    python scripts/checkpoint_memory.py --config demo                                # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def write_synthetic(config_name: str, path: Path) -> int:
+    import torch
+
+    from magma_ipu.config import load_config
+    from magma_ipu.model import MagmaModel
+
+    cfg = load_config(config_name).model
+    with torch.device("meta"):
+        shapes = {k: (v.shape, v.dtype) for k, v in MagmaModel(cfg).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    module, total = {}, 0
+    for key, (shape, dtype) in shapes.items():
+        if dtype.is_floating_point:
+            t = torch.empty(shape, dtype=torch.float16)
+            t.normal_(0, 0.02, generator=gen) if t.numel() else None
+        else:
+            t = torch.zeros(shape, dtype=dtype)
+        module[key] = t
+        total += t.numel() * t.element_size()
+    for n in range(cfg.n_layer):  # what the real file carries beside the weights
+        p = f"lm.transformer.h.{n}.attn.attention."
+        module[p + "masked_bias"] = torch.tensor(-1e9)
+        module[p + "scale_attn"] = torch.tensor(float(cfg.head_dim) ** 0.5)
+        for k in [k for k in module if k.startswith(f"lm.transformer.h.{n}.") and "attention." not in k[-12:]]:
+            module[k.replace("lm.transformer.h.", "transformer.", 1)] = module[k]
+    module["word_embedding.weight"] = module["lm.transformer.wte.weight"]
+    torch.save({"module": module, "global_steps": 1}, path)
+    return total
+
+
+def child(step: str, config_name: str, src: str, dtype: str) -> None:
+    """Run one measured step in this (fresh) process and print its figures."""
+    import torch
+
+    from magma_ipu.config import load_config
+    from magma_ipu.model import MagmaModel
+    from magma_ipu.session import DTYPES
+    from magma_ipu.weights import converted_checkpoint, load_checkpoint
+
+    cfg = load_config(config_name).model
+    with torch.device("meta"):
+        model = MagmaModel(cfg)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # interpreter, torch, libraries
+    start = time.perf_counter()
+    converted = converted_checkpoint(model, Path(src), DTYPES[dtype])
+    if step == "load":
+        load_checkpoint(model, converted, DTYPES[dtype], "cpu")
+        for t in model.state_dict().values():  # read every weight once, as a forward pass would
+            t.sum()
+    seconds = time.perf_counter() - start
+    weights = converted.stat().st_size
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"step": step, "seconds": round(seconds, 1), "peak_rss_bytes": peak,
+                      "baseline_rss_bytes": baseline, "weight_bytes": weights}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="demo")
+    parser.add_argument("--dtype", default="float16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/magma_memory"))
+    parser.add_argument("--child", nargs=3, metavar=("STEP", "SRC", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], args.config, args.child[1], args.child[2])
+        return
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    src = args.workdir / f"{args.config}_mp_rank_00_model_states.pt"
+    env = {**os.environ, "MAGMA_CACHE": str(args.workdir / "cache")}
+    start = time.perf_counter()
+    weight_bytes = write_synthetic(args.config, src)
+    write_seconds = time.perf_counter() - start
+    result = {"config": args.config, "dtype": args.dtype, "checkpoint_bytes": src.stat().st_size,
+              "fp16_weight_bytes": weight_bytes, "write_seconds": round(write_seconds, 1)}
+    for step in ("convert", "load"):
+        out = subprocess.run([sys.executable, __file__, "--config", args.config, "--child", step, str(src), args.dtype],
+                             env=env, capture_output=True, text=True, check=True)
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
+        result[f"{step}_seconds"] = figures["seconds"]
+        result[f"{step}_peak_rss_mb"] = round(figures["peak_rss_bytes"] / 2**20, 1)
+        result[f"{step}_baseline_rss_mb"] = round(figures["baseline_rss_bytes"] / 2**20, 1)
+        extra = figures["peak_rss_bytes"] - figures["baseline_rss_bytes"]
+        result[f"{step}_extra_rss_over_weights"] = round(extra / figures["weight_bytes"], 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

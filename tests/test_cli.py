@@ -1,0 +1,101 @@
+"""run_inference.py and the demo's API calls, end to end on a small model written to disk."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from magma_ipu import init_inference_session, run_inference
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_magma, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    torch.save({"module": tiny_magma.model.state_dict()}, folder / "mp_rank_00_model_states.pt")
+    tiny_magma.tokenizer.backend.save(str(folder / "tokenizer.json"))
+    m = tiny_magma.config.model
+    (folder / "tiny.yml").write_text(
+        f"model: {{n_layer: {m.n_layer}, d_model: {m.d_model}, n_head: {m.n_head}, rotary_dim: {m.rotary_dim},\n"
+        f"  d_ff: {m.d_ff}, vocab_size: {m.vocab_size}, lm_head_size: {m.lm_head_size},\n"
+        f"  image_layers: {list(m.image_layers)}, image_width: {m.image_width}, image_resolution: {m.image_resolution}}}\n"
+        f"sequence_length: {tiny_magma.config.sequence_length}\n"
+        "checkpoint: ./mp_rank_00_model_states.pt\ntokenizer: ./tokenizer.json\ntemperature: 0\nmax_out_tokens: 8\n"
+    )
+    Image.new("RGB", (90, 70), "orange").save(folder / "img.png")
+    return folder
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "run_inference.py"), *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+def test_json_output_and_overrides(model_dir, tiny_magma):
+    base = ["--config", str(model_dir / "tiny.yml"), "--image", str(model_dir / "img.png"), "--prompt", "A picture of"]
+    out = cli(*base, "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    expected = tiny_magma.generate("A picture of", image=model_dir / "img.png", temperature=0, max_out_tokens=8)
+    assert result["token_ids"] == expected.token_ids and result["text"] == expected.text
+    assert result["time_to_first_token_s"] > 0
+    short = json.loads(cli(*base, "--json", "--max_out_tokens", "3").stdout)
+    assert short["token_ids"] == expected.token_ids[:3]
+
+
+def test_interleaved_images_and_prompts(model_dir, tiny_magma):
+    img = str(model_dir / "img.png")
+    out = cli("--config", str(model_dir / "tiny.yml"), "--image", img, "--prompt", "one", "--image", img,
+              "--prompt", "two", "--json")
+    assert out.returncode == 0, out.stderr
+    grid = tiny_magma.config.model.image_tokens
+    ids = len(tiny_magma.tokenizer.encode("one")) + len(tiny_magma.tokenizer.encode("two"))
+    assert json.loads(out.stdout)["prompt_positions"] == 2 * grid + ids
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--top_p", "3"], "top_p must be in [0, 1]"),
+     (["--image", "/no/such.png"], "does not exist"),
+     (["--temprature", "1"], "did you mean '--temperature'"),
+     (["--config", "nonexistent"], "unknown config 'nonexistent'")],
+)
+def test_bad_input_gives_one_line_and_nonzero_exit(model_dir, args, message):
+    base = ["--config", str(model_dir / "tiny.yml"), "--prompt", "hi"]
+    out = cli(*base, *args)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_demo_api_calls(model_dir, tiny_magma):
+    session, config, tokenizer = init_inference_session(str(model_dir / "tiny.yml"))
+    text = run_inference(session, config, tokenizer, str(model_dir / "img.png"), "A picture of",
+                         seed=0, top_p=0.9, top_k=0, temperature=0.0, max_out_tokens=8)
+    expected = tiny_magma.generate("A picture of", image=model_dir / "img.png", temperature=0, max_out_tokens=8)
+    assert text == expected.text
+    model = session.model
+    for temperature in (0.0, 0.5, 1.2):  # new settings never reload the model
+        run_inference(session, config, tokenizer, str(model_dir / "img.png"), "A", temperature=temperature)
+    assert session.model is model
+
+
+def test_explain_adds_candidates_and_attention(model_dir, tiny_magma):
+    out = cli("--config", str(model_dir / "tiny.yml"), "--image", str(model_dir / "img.png"), "--prompt", "A picture of",
+              "--json", "--explain", "--temperature", "1", "--top_k", "5", "--seed", "2")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    grid = tiny_magma.config.model.image_grid
+    assert len(result["explain"]) >= len(result["token_ids"])
+    for step, token in zip(result["explain"], result["token_ids"]):
+        assert step["token_id"] == token
+        drawn = [c for c in step["candidates"] if c["drawn"]]
+        assert len(drawn) == 1 and drawn[0]["kept"] and drawn[0]["id"] == token
+        assert sum(c["kept"] for c in step["candidates"]) <= 5
+        (image_map,) = step["image_attention"]
+        assert len(image_map) == grid and all(len(r) == grid for r in image_map)

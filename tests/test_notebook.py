@@ -1,0 +1,121 @@
+"""The notebook's UI (in process) and the notebook itself (executed headless by nbclient)."""
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+import magma_ipu.session as session_module
+from magma_ipu.notebook import CaptionApp
+
+ROOT = Path(__file__).resolve().parent.parent
+TRUTH = json.loads((ROOT / "demo_example_images" / "scenes.json").read_text())
+
+
+def objects_named(text: str, image: str) -> float:
+    objects = TRUTH[image]["objects"]
+    return sum(f"{o['colour']} {o['shape']}" in text for o in objects) / len(objects)
+
+
+def test_app_streams_a_caption_and_reports_speed(demo_magma):
+    app = CaptionApp(demo_magma)
+    app.image_choice.value = "scene_3.png"
+    app.temperature.value = 0.0
+    result = app.run()
+    assert result is not None and objects_named(result.text, "scene_3.png") == 1.0
+    direct = demo_magma.generate("A picture of", image=ROOT / "demo_example_images" / "scene_3.png", temperature=0,
+                                 max_out_tokens=app.max_out_tokens.value)
+    assert (result.token_ids, result.text, result.finish_reason) == (direct.token_ids, direct.text, direct.finish_reason)
+    assert result.text in app.caption.value.replace("&#x27;", "'")
+    assert "tokens/s" in app.status.value and app.picture.value.startswith(b"\x89PNG")
+
+
+def test_errors_show_one_line_and_the_app_keeps_working(demo_magma, tmp_path):
+    app = CaptionApp(demo_magma)
+    app.temperature.value = 0.0
+    app.image_url.value = str(tmp_path / "missing.png")
+    assert app.run() is None and "does not exist" in app.status.value
+    app.image_url.value = ""
+    app.prompt.value = "word " * 100
+    assert app.run() is None and "sequence_length" in app.status.value
+    app.prompt.value = "A picture of"
+    app.image_choice.value = "scene_1.png"
+    result = app.run()
+    assert result is not None and objects_named(result.text, "scene_1.png") == 1.0 and app.status.value.count("⚠") == 0
+
+
+def test_sliders_and_prompts_never_reload_the_model(demo_magma, monkeypatch):
+    loads = []
+    monkeypatch.setattr(session_module, "build_model", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(session_module.Tokenizer, "load", lambda *a, **k: loads.append(a))
+    app = CaptionApp(demo_magma)
+    model, engine = demo_magma.model, demo_magma.engine
+    texts = set()
+    for seed, temperature, top_p, top_k, prompt in [(0, 1.0, 1.0, 0, "A picture of"), (5, 1.4, 0.5, 3, "A picture"),
+                                                    (9, 0.0, 0.9, 0, "Q: How many shapes are there? A:")]:
+        app.seed.value, app.temperature.value, app.top_p.value, app.top_k.value = seed, temperature, top_p, top_k
+        app.prompt.value = prompt
+        texts.add(app.run().text)
+    assert loads == [] and demo_magma.model is model and demo_magma.engine is engine
+    assert len(texts) > 1
+
+
+def test_upload_takes_the_image_from_the_widget(demo_magma):
+    app = CaptionApp(demo_magma)
+    app.temperature.value = 0.0
+    content = (ROOT / "demo_example_images" / "scene_4.png").read_bytes()
+    app.upload.value = ({"name": "mine.png", "type": "image/png", "size": len(content), "content": memoryview(content),
+                         "last_modified": 0},)
+    assert objects_named(app.run().text, "scene_4.png") == 1.0
+    app.upload.value = ({"name": "bad.png", "type": "image/png", "size": 3, "content": memoryview(b"abc"),
+                         "last_modified": 0},)
+    assert app.run() is None and "not a readable image" in app.status.value
+
+
+@pytest.fixture(scope="module")
+def executed_notebook():
+    nb = nbformat.read(ROOT / "magma_interactive.ipynb", as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    return nb
+
+
+def text_outputs(cell) -> str:
+    return "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in cell.get("outputs", []))
+
+
+def test_notebook_executes_and_captions(executed_notebook):
+    code = [c for c in executed_notebook.cells if c.cell_type == "code"]
+    assert all(not any(o.output_type == "error" for o in c.outputs) for c in code)
+    first_image = sorted(p.name for p in (ROOT / "demo_example_images").glob("*.png"))[0]
+    app_cell = next(c for c in code if "CaptionApp(session)" in c.source)
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in app_cell.outputs)
+    if first_image in TRUTH:
+        assert objects_named(text_outputs(app_cell), first_image) == 1.0
+    api_cell = next(c for c in code if "run_inference(session" in c.source)
+    assert objects_named(text_outputs(api_cell), "scene_1.png") == 1.0
+    question_cell = next(c for c in code if "colour is the background" in c.source)
+    assert TRUTH["scene_1.png"]["background"] in text_outputs(question_cell)
+
+
+def test_explanation_views_follow_the_sliders_without_running_the_model(demo_magma, monkeypatch):
+    app = CaptionApp(demo_magma)
+    app.image_choice.value = "scene_2.png"
+    app.temperature.value, app.top_p.value = 0.7, 0.9
+    assert app.run() is not None
+    assert len(app.explanations) >= 2 and not app.token_choice.disabled
+    chart, heatmap = app.chart.value, app.heatmap.value
+    assert chart.startswith(b"\x89PNG") and heatmap.startswith(b"\x89PNG")
+    calls = []
+    original = demo_magma.engine.tokens
+    monkeypatch.setattr(demo_magma.engine, "tokens", lambda *a, **k: calls.append(1) or original(*a, **k))
+    app.temperature.value = 1.4
+    assert app.chart.value != chart  # the same logits, filtered anew
+    chart = app.chart.value
+    app.top_k.value = 2
+    assert app.chart.value != chart
+    app.token_choice.value = 1
+    app.layer_choice.value = 0
+    assert app.heatmap.value != heatmap
+    assert calls == []

@@ -1,0 +1,94 @@
+"""Tensor parallelism on CPU (gloo): 2 ranks launched by torchrun give the single-process logits
+at the prefill and at every cached decode step, and the same tokens."""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from magma_ipu.parallel import shard, split_of
+from magma_ipu.sampling import SamplingSettings
+from magma_ipu.session import Magma
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_split_plan_covers_every_language_model_matrix(tiny_magma):
+    keys = tiny_magma.model.state_dict().keys()
+    split = {k for k in keys if split_of(k) is not None}
+    assert {k for k in keys if k.startswith("lm.transformer.h.0.") and (k.endswith("weight") and "ln_1" not in k)} <= split
+    assert split_of("lm.lm_head.weight") == 0 and split_of("lm.transformer.wte.weight") is None
+    assert split_of("image_prefix.proj.weight") is None
+    w = torch.arange(24.0).reshape(4, 6)
+    key = "lm.transformer.h.3.mlp.0.c_proj.weight"
+    parts = [shard(w, key, r, 2) for r in range(2)]
+    assert torch.equal(torch.cat(parts, dim=1), w) and parts[0].data_ptr() == w.data_ptr()
+
+
+@pytest.fixture(scope="module")
+def written_model(tiny_magma, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tp")
+    torch.save({"module": tiny_magma.model.state_dict()}, folder / "model.pt")
+    tiny_magma.tokenizer.backend.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def run_ranks(folder: Path, world: int, config) -> dict:
+    m = config.model
+    (folder / f"tp{world}.yml").write_text(
+        f"model: {{n_layer: {m.n_layer}, d_model: {m.d_model}, n_head: {m.n_head}, rotary_dim: {m.rotary_dim},\n"
+        f"  d_ff: {m.d_ff}, vocab_size: {m.vocab_size}, lm_head_size: {m.lm_head_size},\n"
+        f"  image_layers: {list(m.image_layers)}, image_width: {m.image_width}, image_resolution: {m.image_resolution}}}\n"
+        f"sequence_length: {config.sequence_length}\ncheckpoint: ./model.pt\ntokenizer: ./tokenizer.json\n"
+        f"tensor_parallel: {world}\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = folder / f"tp{world}.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
+         f"--master-port={port}", str(ROOT / "tests" / "tp_worker.py"), str(folder / f"tp{world}.yml"), str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
+def reference(tiny_magma):
+    import numpy as np
+
+    engine = tiny_magma.engine
+    image = np.linspace(0, 255, 50 * 60 * 3).reshape(50, 60, 3).astype(np.uint8)
+    request = tiny_magma.request("A picture of", image, 10)
+    steps = []
+    original = engine.decode_step
+    engine.decode_step = lambda *a: steps.append(original(*a)) or steps[-1]
+    try:
+        greedy = [t for (t,) in engine.tokens([request], SamplingSettings(temperature=0, max_out_tokens=10), [0])]
+    finally:
+        engine.decode_step = original
+    sampled = tiny_magma.generate_batch(["A picture of", "Q: What colour is the star? A:"], images=[image, None],
+                                        seeds=[3, 4], temperature=1.0, top_p=0.9, max_out_tokens=10)
+    return engine.full_logits([request]), steps, greedy, [r.token_ids for r in sampled]
+
+
+def max_diff(a, b):
+    finite = torch.isfinite(b)
+    assert torch.equal(torch.isfinite(a), finite)
+    return (a[finite] - b[finite]).abs().max().item()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_matches_one_process(tiny_magma, written_model, world):
+    if world == 4 and tiny_magma.config.model.n_head % 4:
+        pytest.skip("needs heads divisible by 4")
+    got = run_ranks(written_model, world, tiny_magma.config)
+    prefill, steps, greedy, sampled = reference(tiny_magma)
+    assert got["local_q_rows"] == tiny_magma.config.model.d_model // world
+    assert max_diff(got["prefill"], prefill) < 1e-5
+    assert len(got["steps"]) == len(steps) and max(max_diff(a, b) for a, b in zip(got["steps"], steps)) < 1e-5
+    assert got["greedy"] == greedy and got["sampled"] == sampled
