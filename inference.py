@@ -61,8 +61,10 @@ def lm_weight_bytes(model) -> int:
     for name, t in list(model.lm.named_parameters()) + list(model.lm.named_buffers()):
         if "wte" not in name:
             total += t.numel() * t.element_size()
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
     for module in model.lm.modules():  # fbgemm's packed int8 weights are not parameters
-        if hasattr(module, "_packed_params"):
+        if isinstance(module, DynamicInt8Linear):
             w = module.weight()
             total += w.numel() * w.element_size() + module.out_features * 8
     return total

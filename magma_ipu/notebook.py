@@ -24,14 +24,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
 class CaptionApp:
-    def __init__(self, magma: Magma, image_dir: Path = DEMO_IMAGES, prompt: str = "A picture of"):
+    def __init__(self, magma: Magma, image_dir: Path = DEMO_IMAGES, prompt: str = "A picture of",
+                 image: str | None = None):
         self.magma = magma
         cfg = magma.config
         names = sorted(p.name for p in Path(image_dir).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         self.image_dir = Path(image_dir)
         style = {"description_width": "110px"}
         wide = widgets.Layout(width="520px")
-        self.image_choice = widgets.Dropdown(options=names, description="Demo image", style=style, layout=wide)
+        self.image_choice = widgets.Dropdown(options=names, value=image if image in names else (names or [None])[0],
+                                             description="Demo image", style=style, layout=wide)
         self.image_url = widgets.Text(placeholder="https://... or /path/to/picture.jpg (overrides the demo image)",
                                       description="URL or path", style=style, layout=wide)
         self.upload = widgets.FileUpload(accept="image/*", multiple=False, description="Upload")
@@ -126,7 +128,7 @@ class CaptionApp:
             self.draw_chart()
             self.draw_heatmap()
             self.status.value = (
-                f"<span style='color:#555'>{stats.new_tokens} tokens · first token after "
+                f"<span style='color:#555'>run {self.runs} · {stats.new_tokens} tokens · first token after "
                 f"{stats.time_to_first_token * 1000:.0f} ms · {stats.tokens_per_second:.1f} tokens/s</span>"
             )
             eos = self.magma.tokenizer.eos_id
@@ -160,6 +162,9 @@ class CaptionApp:
         ax.barh(y, [r["p_model"] for r in rows], color="#c6d4ea", label="model (T = 1, no filter)")
         colours = ["#f28e2b" if r["drawn"] else ("#4e79a7" if r["kept"] else "#bbbbbb") for r in rows]
         ax.barh(y, [r["p_final"] for r in rows], height=0.45, color=colours, label="after the filters")
+        for i, r in zip(y, rows):
+            ax.text(min(max(r["p_model"], r["p_final"]) + 0.01, 0.86), i, f"{100 * r['p_final']:.1f}%",
+                    va="center", fontsize=7)
         ax.set_yticks(list(y), labels, fontsize=8)
         ax.set_xlim(0, 1)
         ax.set_xlabel("probability")

@@ -41,7 +41,7 @@ The sliders change only how the next token is drawn, never the model (nothing is
 - **max_out_tokens**: the most tokens to generate; generation also stops at the end-of-text token."""),
     new_code_cell("""from magma_ipu.notebook import CaptionApp
 
-app = CaptionApp(session)
+app = CaptionApp(session, image="scene_1.png")
 display(app)
 app.run().text  # a first caption, for the image the dropdown shows"""),
     new_markdown_cell("""## The same thing in one call
@@ -49,7 +49,7 @@ app.run().text  # a first caption, for the image the dropdown shows"""),
 `run_inference` is the demo's original function; `session.generate`, `session.stream` and
 `session.generate_batch` are the object API behind it."""),
     new_code_cell("""run_inference(session, config, tokenizer, "demo_example_images/scene_1.png", "A picture of",
-              seed=0, top_p=0.9, top_k=0, temperature=0.0, max_out_tokens=24)"""),
+              seed=0, top_p=0.9, top_k=0, temperature=0.0, max_out_tokens=40)"""),
     new_code_cell("""session.generate("Q: What colour is the background? A:", image="demo_example_images/scene_1.png",
                  temperature=0, max_out_tokens=4).text"""),
     new_markdown_cell("""## On a GPU

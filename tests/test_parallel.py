@@ -1,6 +1,7 @@
 """Tensor parallelism on CPU (gloo): 2 ranks launched by torchrun give the single-process logits
 at the prefill and at every cached decode step, and the same tokens."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def run_ranks(folder: Path, world: int, config) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
          f"--master-port={port}", str(ROOT / "tests" / "tp_worker.py"), str(folder / f"tp{world}.yml"), str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(out)
