@@ -80,7 +80,9 @@ def build_model(config: MagmaConfig, checkpoint: str | Path | None, progress: bo
             if world != config.tensor_parallel:
                 raise ConfigError(f"tensor_parallel is {config.tensor_parallel} but {world} processes were launched "
                                   f"(torchrun --nproc-per-node {config.tensor_parallel})")
-        with torch.device("meta"):
+        # a big model is built on `meta` (no memory until the weights arrive); a small one directly,
+        # which saves the seconds torch takes to set up meta tensors the first time
+        with torch.device("meta" if lm_parameters(config.model) > 50_000_000 else "cpu"):
             model = MagmaModel(config.model)
         checkpoint = Path(checkpoint)
         if config.convert_checkpoint and checkpoint.suffix != ".safetensors":
@@ -106,6 +108,13 @@ def build_model(config: MagmaConfig, checkpoint: str | Path | None, progress: bo
 
         quantize_int8(model)
     return model
+
+
+def lm_parameters(cfg) -> int:
+    """The language model's parameter count, from the config alone."""
+    d, hidden = cfg.d_model, cfg.d_model // cfg.adapter_downsample
+    block = 4 * d * d + 2 * d * cfg.d_ff + cfg.d_ff + d + 2 * d * hidden + hidden + d + 2 * d
+    return cfg.n_layer * block + cfg.vocab_size * d + cfg.lm_head_size * (d + 1) + 2 * d
 
 
 @torch.no_grad()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -56,6 +55,15 @@ def write_synthetic(config_name: str, path: Path) -> int:
     return total
 
 
+def _status_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process. Unlike getrusage's ru_maxrss, which Linux
+    carries over from the parent across fork and exec, these belong to this process alone."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def child(step: str, config_name: str, src: str, dtype: str) -> None:
     """Run one measured step in this (fresh) process and print its figures."""
     import torch
@@ -68,7 +76,7 @@ def child(step: str, config_name: str, src: str, dtype: str) -> None:
     cfg = load_config(config_name).model
     with torch.device("meta"):
         model = MagmaModel(cfg)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # interpreter, torch, libraries
+    baseline = _status_bytes("VmRSS")  # interpreter, torch, libraries
     start = time.perf_counter()
     converted = converted_checkpoint(model, Path(src), DTYPES[dtype])
     if step == "load":
@@ -77,7 +85,7 @@ def child(step: str, config_name: str, src: str, dtype: str) -> None:
             t.sum()
     seconds = time.perf_counter() - start
     weights = converted.stat().st_size
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status_bytes("VmHWM")
     print(json.dumps({"step": step, "seconds": round(seconds, 1), "peak_rss_bytes": peak,
                       "baseline_rss_bytes": baseline, "weight_bytes": weights}))
 
@@ -87,6 +95,7 @@ def main() -> None:
     parser.add_argument("--config", default="demo")
     parser.add_argument("--dtype", default="float16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/magma_memory"))
+    parser.add_argument("--reuse", action="store_true", help="keep a synthetic checkpoint written before")
     parser.add_argument("--child", nargs=3, metavar=("STEP", "SRC", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -96,7 +105,10 @@ def main() -> None:
     src = args.workdir / f"{args.config}_mp_rank_00_model_states.pt"
     env = {**os.environ, "MAGMA_CACHE": str(args.workdir / "cache")}
     start = time.perf_counter()
-    weight_bytes = write_synthetic(args.config, src)
+    if args.reuse and src.is_file():
+        weight_bytes = None
+    else:
+        weight_bytes = write_synthetic(args.config, src)
     write_seconds = time.perf_counter() - start
     result = {"config": args.config, "dtype": args.dtype, "checkpoint_bytes": src.stat().st_size,
               "fp16_weight_bytes": weight_bytes, "write_seconds": round(write_seconds, 1)}

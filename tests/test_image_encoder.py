@@ -130,3 +130,13 @@ def test_image_tokens_are_row_major_grid_cells():
         for col in range(3):
             expected = prefix.ln(prefix.proj(features[0, :, row, col]))
             assert (tokens[0, row * 3 + col] - expected).abs().max().item() < 1e-5
+
+
+def test_parameter_count_from_the_config_alone():
+    from magma_ipu.session import lm_parameters
+
+    for cfg in (ModelConfig(), ModelConfig(n_layer=2, d_model=64, n_head=4, rotary_dim=8, d_ff=96, vocab_size=300,
+                                           lm_head_size=320)):
+        with torch.device("meta"):
+            model = MagmaModel(cfg)
+        assert lm_parameters(cfg) == sum(p.numel() for p in model.lm.parameters())
