@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 
@@ -211,7 +211,6 @@ class Engine:
         requests: Sequence[Request],
         settings: SamplingSettings,
         seeds: Sequence[int],
-        on_token: Callable[[int, int], None] | None = None,
         stats: GenerationStats | None = None,
         capacity: int = 0,
         explain: list[list[TokenExplanation]] | None = None,
@@ -225,8 +224,6 @@ class Engine:
                     results[row].finish_reason = "eos"
                     continue
                 results[row].token_ids.append(token)
-                if on_token is not None:
-                    on_token(row, token)
         return results
 
     @torch.inference_mode()
