@@ -61,3 +61,15 @@ def test_demo_model_never_writes_notation_tokens(demo_magma):
     result = demo_magma.generate("A picture of", image=ROOT / "demo_example_images" / "scene_2.png",
                                  temperature=1.5, top_p=1.0, seed=1, max_out_tokens=40)
     assert not set(result.token_ids) & notation_ids
+
+
+def test_scenes_json_matches_the_scene_generator():
+    import random
+
+    from magma_ipu.scenes import random_scene
+
+    truth = json.loads((ROOT / "demo_example_images" / "scenes.json").read_text())
+    for entry in truth.values():
+        scene = random_scene(random.Random(entry["seed"]))
+        assert entry["caption"] == scene.caption() and entry["background"] == scene.background
+        assert entry["objects"] == [{"colour": o.colour, "shape": o.shape, "size": o.size} for o in scene.objects]
