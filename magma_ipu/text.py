@@ -49,7 +49,7 @@ class Tokenizer:
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
-        return self.backend.decode([i for i in ids if i not in self.special_ids], skip_special_tokens=True)
+        return self.backend.decode(ids, skip_special_tokens=True)
 
 
 class TextStream:
