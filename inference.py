@@ -57,17 +57,14 @@ def memory_bandwidth(device: torch.device) -> float:
 
 def lm_weight_bytes(model) -> int:
     """Bytes of language-model weights read per decoded token (all of them but the embedding)."""
+    from magma_ipu.quantize import DynamicInt8Linear
+
     total = 0
     for name, t in list(model.lm.named_parameters()) + list(model.lm.named_buffers()):
         if "wte" not in name:
             total += t.numel() * t.element_size()
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
-
-    for module in model.lm.modules():  # fbgemm's packed int8 weights are not parameters
-        if isinstance(module, DynamicInt8Linear):
-            w = module.weight()
-            total += w.numel() * w.element_size() + module.out_features * 8
-    return total
+    # fbgemm's packed int8 weights are not parameters
+    return total + sum(m.weight_bytes for m in model.lm.modules() if isinstance(m, DynamicInt8Linear))
 
 
 def peak_memory(device: torch.device) -> int:
@@ -153,8 +150,7 @@ def main() -> None:
     if check_accuracy:  # the float32 model with the same seed gives the same random weights
         f32 = Engine(build_model(cfg.replace(dtype="float32", quantize="none", compile=False), None), eos_id=-1)
         float_tokens = f32.generate(requests[:1], settings, [0])[0].token_ids
-        path = [requests[0][0], requests[0][1] + float_tokens]
-        float_logits = f32.full_logits([path])[0, -len(float_tokens) - 1 :]
+        float_logits = f32.forced_logits(requests[0], float_tokens).cpu()
         del f32
     if "reference" not in skip:
         from magma_ipu.reference import transformers_gptj
@@ -199,11 +195,15 @@ def main() -> None:
     if check_accuracy:
         tokens = results[0].token_ids
         agree = next((i for i, (a, b) in enumerate(zip(tokens, float_tokens)) if a != b), len(tokens))
-        ours = engine.full_logits([path])[0, -len(float_tokens) - 1 :].float().cpu()
-        ref = float_logits.cpu()
-        finite = torch.isfinite(ref)
+        ours = engine.forced_logits(requests[0], float_tokens).float().cpu()  # decoded along float32's path
+        ref, finite = float_logits, torch.isfinite(float_logits)  # banned ids are -inf in both
+        error = (ours - ref)[finite].abs()
+        top2 = ref.topk(2, dim=-1).values
         row.update({"greedy_tokens_agreeing_with_float32": agree,
-                    "max_logit_error": round((ours - ref)[finite].abs().max().item(), 5),
+                    "argmax_agreement_on_float32_path": round((ours.argmax(-1) == ref.argmax(-1)).float().mean().item(), 3),
+                    "max_logit_error": round(error.max().item(), 5),
+                    "mean_logit_error": round(error.mean().item(), 5),
+                    "float32_median_top2_gap": round((top2[:, 0] - top2[:, 1]).median().item(), 5),
                     "logit_scale": round(ref[finite].abs().max().item(), 3)})
     if "reference" not in skip:
         row.update({"reference_decode_ms_per_token": round(ref_per_token * 1e3, 3),

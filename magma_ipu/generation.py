@@ -108,6 +108,14 @@ class Engine:
             logits[..., self.banned_ids] = float("-inf")
         return logits
 
+    def _attended(self, slot: int, step_fn) -> int:
+        """How many cache slots a decode step at `slot` reads: exactly the filled ones, or for the
+        compiled step the next power of two (a few shapes to compile, at most twice the reads)."""
+        length = self.key_valid.shape[1]
+        if step_fn is self._decode_step:
+            return slot + 1
+        return min(length, max(64, 1 << slot.bit_length()))
+
     def _decode_step(self, token: torch.Tensor, slot: torch.Tensor, position: torch.Tensor, key_valid):
         # token: B; slot: 1; position: B x 1  ->  logits B x V
         hidden = self.model(self.model.embed_tokens(token)[:, None], slot, position, key_valid)
@@ -166,34 +174,53 @@ class Engine:
             spans.append(row)
         return spans
 
+    def _prefill(self, requests: Sequence[Request], new_tokens: int, capacity: int = 0):
+        """Image encoder and prompt through the model, filling a cache with room for `new_tokens`
+        more (and at least `capacity` slots). Returns the last position's logits (B x V), the
+        prompt width and each row's padding."""
+        embeds, valid, positions, pads = self._left_pad(self.embed(requests))
+        batch, width = valid.shape
+        self._ensure_cache(batch, max(capacity, width + new_tokens))
+        self.key_valid[:, :width] = valid
+        slots = torch.arange(width, device=self.device)
+        hidden = self.model(embeds, slots, positions, self.key_valid[:, :width])
+        return self._logits(hidden[:, -1]), width, pads
+
+    def _step(self, token: torch.Tensor, slot: int, pads: torch.Tensor, eager: bool = False) -> torch.Tensor:
+        """Feed `token` (B) at cache slot `slot`: logits B x V for the next one."""
+        self.key_valid[:, slot] = True
+        slot_t = torch.tensor([slot], device=self.device)
+        position = (slot_t - pads)[:, None]
+        step_fn = self._decode_step if eager else self.decode_step
+        return step_fn(token, slot_t, position, self.key_valid[:, : self._attended(slot, step_fn)])
+
+    @torch.inference_mode()
+    def forced_logits(self, request: Request, token_ids: Sequence[int]) -> torch.Tensor:
+        """Logits after the prompt and after each of `token_ids` ((n + 1) x V), computed exactly as
+        generation computes them (prefill, then one cached step per token) with the given tokens
+        fed instead of drawn ones: how a quantized model's decoding compares along a fixed path."""
+        logits, width, pads = self._prefill([request], len(token_ids))
+        out = [logits[0]]
+        for i, token in enumerate(token_ids):
+            out.append(self._step(torch.tensor([token], device=self.device), width + i, pads)[0])
+        return torch.stack(out)
+
     def _tokens(self, requests, settings, seeds, stats, capacity, explain) -> Iterator[list[int | None]]:
         stats = stats if stats is not None else GenerationStats()
         start = time.perf_counter()
-        embeds, valid, positions, pads = self._left_pad(self.embed(requests))
-        batch, width = valid.shape
-        self._ensure_cache(batch, max(capacity, width + settings.max_out_tokens))
-        self.key_valid[:, :width] = valid
-        slots = torch.arange(width, device=self.device)
         generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-
-        hidden = self.model(embeds, slots, positions, self.key_valid)
-        logits = self._logits(hidden[:, -1])
+        logits, width, pads = self._prefill(requests, settings.max_out_tokens, capacity)
         token = draw(logits, settings, generators)
         spans = self.image_spans(requests) if explain is not None else None
         pad_list = pads.tolist()
         stats.prompt_positions = width
-        finished = [False] * batch
+        finished = [False] * len(requests)
         for step in range(settings.max_out_tokens):
             if step == 0:
                 stats.time_to_first_token = time.perf_counter() - start
                 decode_start = time.perf_counter()
             else:
-                slot = width + step - 1
-                self.key_valid[:, slot] = True
-                slot_t = torch.tensor([slot], device=self.device)
-                position = (slot_t - pads)[:, None]
-                step_fn = self._decode_step if explain is not None else self.decode_step
-                logits = step_fn(token, slot_t, position, self.key_valid)
+                logits = self._step(token, width + step - 1, pads, eager=explain is not None)
                 token = draw(logits, settings, generators)
             values = token.tolist()
             out = [None if done else t for done, t in zip(finished, values)]

@@ -29,8 +29,13 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers (int8 weights are buffers); not the key/value caches."""
+    return {k: t for k, t in module.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
+
+
 def _nbytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    return sum(t.numel() * t.element_size() for t in _weights(module).values())
 
 
 class PhasedBlocks:
@@ -53,11 +58,11 @@ class PhasedBlocks:
                        *blocks[: self.resident]]:
             module.to(self.device)
         pin = self.device.type == "cuda"
-        self.host = [{name: (p.data.cpu().pin_memory() if pin else p.data.cpu()) for name, p in b.named_parameters()}
+        self.host = [{name: (t.data.cpu().pin_memory() if pin else t.data.cpu()) for name, t in _weights(b).items()}
                      for b in self.streamed]
         for block, host in zip(self.streamed, self.host):
-            for name, p in block.named_parameters():
-                p.data = host[name]
+            for name, t in _weights(block).items():
+                t.data = host[name]
         self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.pending: dict[int, tuple[dict, object]] = {}
         for i, block in enumerate(self.streamed):
@@ -80,11 +85,11 @@ class PhasedBlocks:
             torch.cuda.current_stream(self.device).wait_event(event)
             for t in tensors.values():  # used on the main stream: keep the allocator from reusing early
                 t.record_stream(torch.cuda.current_stream(self.device))
-        for name, p in self.streamed[i].named_parameters():
-            p.data = tensors[name]
+        for name, t in _weights(self.streamed[i]).items():
+            t.data = tensors[name]
         if i + 1 < len(self.streamed):  # overlap: the next block's copy runs while this one computes
             self.pending[i + 1] = self._copy(i + 1)
 
     def _send_back(self, i: int) -> None:
-        for name, p in self.streamed[i].named_parameters():
-            p.data = self.host[i][name]
+        for name, t in _weights(self.streamed[i]).items():
+            t.data = self.host[i][name]

@@ -1,7 +1,8 @@
 """int8 linear layers for the language model, derived from a loaded float model.
 
-- CPU: dynamic int8 (fbgemm/x86): int8 weights with per-channel scales, activations quantized on
-  the fly; the fastest int8 matrix-vector path PyTorch has on a CPU.
+- CPU: dynamic int8 (fbgemm): int8 weights with per-channel scales, activations quantized on the
+  fly; the fastest int8 matrix-vector path PyTorch has on a CPU. The fbgemm call is wrapped in a
+  custom op so that torch.compile can compile the decode step around it.
 - CUDA: weight-only int8 with per-channel scales; activations stay bf16/fp16. Batch-1 decoding is
   bound by reading weights, so halving their bytes is what counts; under `torch.compile` the
   dequantization fuses into the matmul.
@@ -10,7 +11,8 @@ The image encoder stays in float: it runs once per request, not once per token.
 
 from __future__ import annotations
 
-import warnings
+import itertools
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,54 @@ class Int8WeightOnlyLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class PackedInt8Weight:
+    """fbgemm's packed int8 weight (an opaque object torch.compile cannot trace), registered under
+    an integer handle that a compiled graph can carry as a constant."""
+
+    _registry: "weakref.WeakValueDictionary[int, PackedInt8Weight]" = weakref.WeakValueDictionary()
+    _handles = itertools.count()
+    __slots__ = ("params", "handle", "__weakref__")
+
+    def __init__(self, qweight: torch.Tensor, bias: torch.Tensor | None):
+        self.params = torch.ops.quantized.linear_prepack(qweight, bias)
+        self.handle = next(self._handles)
+        self._registry[self.handle] = self
+
+    def __deepcopy__(self, memo):
+        return PackedInt8Weight(*torch.ops.quantized.linear_unpack(self.params))
+
+
+@torch.library.custom_op("magma_ipu::int8_dynamic_linear", mutates_args=())
+def int8_dynamic_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    # reduce_range: 7-bit activations, so that int16 pair sums cannot saturate on CPUs without VNNI
+    return torch.ops.quantized.linear_dynamic(x, PackedInt8Weight._registry[handle].params, True)
+
+
+@int8_dynamic_linear.register_fake
+def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+class DynamicInt8Linear(nn.Module):
+    """y = x @ W^T + b with W int8 (one scale per output channel) and x quantized per call (CPU)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        zero = torch.zeros(len(scale), dtype=torch.long)
+        qweight = torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.packed = PackedInt8Weight(qweight, bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_bytes = w.numel() + 8 * self.out_features  # int8 weights and a scale per row
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return int8_dynamic_linear(x, self.packed.handle, self.out_features)
+        return torch.ops.quantized.linear_dynamic(x, self.packed.params, True)  # eager: skip the op wrapper
+
+
 def _replace_linears(module: nn.Module, make) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
@@ -43,20 +93,20 @@ def _replace_linears(module: nn.Module, make) -> None:
 
 
 def quantize_int8(model: nn.Module, method: str | None = None) -> nn.Module:
-    """Quantize the linear layers of `model.lm` in place. method: "dynamic" (CPU default) or
-    "weight_only" (CUDA default; also runs on CPU, for tests)."""
+    """Quantize the linear layers of `model.lm` in place (each block's input projections fused
+    into one first). method: "dynamic" (CPU default) or "weight_only" (CUDA default; also runs
+    on CPU, for tests)."""
     device = next(model.parameters()).device
     method = method or ("dynamic" if device.type == "cpu" else "weight_only")
+    for block in model.lm.transformer.h:
+        if block.fused_in is None:
+            block.fuse_input_projections()
     if method == "weight_only":
         _replace_linears(model.lm, Int8WeightOnlyLinear)
     elif method == "dynamic":
         if device.type != "cpu" or next(model.parameters()).dtype != torch.float32:
             raise ValueError("dynamic int8 runs on CPU float32 models only")
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        with warnings.catch_warnings():  # the eager quantization API warns that it is deprecated
-            warnings.simplefilter("ignore")
-            quantize_dynamic(model.lm, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        _replace_linears(model.lm, DynamicInt8Linear)
     else:
         raise ValueError(f"unknown int8 method {method!r}")
     return model

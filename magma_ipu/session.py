@@ -99,14 +99,14 @@ def build_model(config: MagmaConfig, checkpoint: str | Path | None, progress: bo
             device = "cpu"  # PhasedBlocks below decides what goes to the device
         load_checkpoint(model, checkpoint, dtype, device, progress=progress and rank == 0, rank=rank, world=world)
     model.eval()
-    if config.max_device_memory is not None:
-        from .phased import PhasedBlocks, parse_bytes
-
-        model.phased = PhasedBlocks(model, parse_bytes(config.max_device_memory), config.device)
     if config.quantize == "int8":
         from .quantize import quantize_int8
 
         quantize_int8(model)
+    if config.max_device_memory is not None:
+        from .phased import PhasedBlocks, parse_bytes
+
+        model.phased = PhasedBlocks(model, parse_bytes(config.max_device_memory), config.device)
     return model
 
 

@@ -17,7 +17,8 @@ FIELDS = {
 
 
 @pytest.mark.parametrize("extra, more", [([], set()),
-                                         (["--quantize", "int8"], {"greedy_tokens_agreeing_with_float32", "max_logit_error"})])
+                                         (["--quantize", "int8"], {"greedy_tokens_agreeing_with_float32", "max_logit_error",
+                                                                   "argmax_agreement_on_float32_path"})])
 def test_quick_benchmark_emits_every_field(extra, more):
     out = subprocess.run([sys.executable, "inference.py", "--quick", "--threads", "2", *extra], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
@@ -29,3 +30,4 @@ def test_quick_benchmark_emits_every_field(extra, more):
     if more:
         assert 0 <= row["greedy_tokens_agreeing_with_float32"] <= 8
         assert 0 <= row["max_logit_error"] < 0.1 * row["logit_scale"]
+        assert 0 <= row["argmax_agreement_on_float32_path"] <= 1

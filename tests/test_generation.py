@@ -168,7 +168,12 @@ def test_a_larger_request_after_a_small_one_reuses_or_grows_the_cache(tiny_magma
 
 def test_compiled_decode_step_gives_the_eager_tokens(tiny_magma):
     engine = Engine(tiny_magma.model, tiny_magma.tokenizer.eos_id, tiny_magma.engine.banned_ids, compile=True)
-    request = tiny_magma.request("A picture of", picture(1), 10)
+    ids = tiny_magma.tokenizer.encode("A picture of")
+    request = [tiny_magma.image_tensor(picture(1)), ids, tiny_magma.image_tensor(picture(2)), ids]
+    width = len(tiny_magma.engine.embed([request])[0])
+    request[-1] = ids * (1 + (60 - width) // len(ids))
+    width = len(tiny_magma.engine.embed([request])[0])
+    assert width < 64 < width + 10  # the decode crosses 64 slots: two compiled lengths (64, 128)
     settings = SamplingSettings(temperature=0, max_out_tokens=10)
     steps = []
     original = engine.decode_step
@@ -181,3 +186,14 @@ def test_compiled_decode_step_gives_the_eager_tokens(tiny_magma):
     for step, logits in enumerate(steps, start=1):
         full = tiny_magma.engine.full_logits([list(request) + [compiled[:step]]])[:, -1]
         assert max_diff(logits, full) < 1e-4
+
+
+def test_forced_logits_follow_the_decode_path(tiny_magma):
+    request = tiny_magma.request("A picture of", picture(3), 8)
+    settings = SamplingSettings(temperature=0, max_out_tokens=8)
+    tokens = tiny_magma.engine.generate([request], settings, [0])[0].token_ids
+    forced = tiny_magma.engine.forced_logits(request, tokens)
+    assert forced.shape[0] == len(tokens) + 1
+    assert forced[:-1].argmax(-1).tolist() == tokens  # greedy: each step's argmax is the next token
+    full = tiny_magma.engine.full_logits([list(request) + [tokens]])[0, -len(tokens) - 1 :]
+    assert max_diff(forced, full) < 1e-5

@@ -39,3 +39,17 @@ def test_budget_too_small_is_explained(tiny_magma):
         PhasedBlocks(copy.deepcopy(tiny_magma.model), 1000, "cpu")
     with pytest.raises(ConfigError, match="max_device_memory"):
         tiny_magma.config.replace(max_device_memory="a lot")
+
+
+def test_int8_weights_stream_with_their_blocks(tiny_magma):
+    from magma_ipu.quantize import quantize_int8
+
+    model = quantize_int8(copy.deepcopy(tiny_magma.model), "weight_only")
+    resident = Magma(tiny_magma.config, copy.deepcopy(model), tiny_magma.tokenizer)
+    per_block = _nbytes(model.lm.transformer.h[0])
+    fixed = _nbytes(model) - per_block * len(model.lm.transformer.h)
+    phased = PhasedBlocks(model, fixed + 3 * per_block, "cpu")
+    assert any(t.dtype == torch.int8 for t in phased.host[0].values())  # int8 weights are buffers
+    streaming = Magma(tiny_magma.config, model, tiny_magma.tokenizer)
+    request = tiny_magma.request("A picture of", np.zeros((32, 32, 3), dtype=np.uint8), 1)
+    assert torch.equal(streaming.engine.full_logits([request]), resident.engine.full_logits([request]))

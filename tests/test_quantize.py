@@ -39,3 +39,64 @@ def test_demo_model_int8_gives_the_float_captions(demo_magma, method):
     assert (ref - got)[finite].abs().max() < 0.05 * ref[finite].abs().max()
     linears = [m for m in model.lm.modules() if isinstance(m, torch.nn.Linear)]
     assert not linears  # every language-model linear layer was replaced
+
+
+def test_fused_input_projections_change_nothing(tiny_magma):
+    model = copy.deepcopy(tiny_magma.model)
+    for block in model.lm.transformer.h:
+        block.fuse_input_projections()
+    block, cfg = model.lm.transformer.h[0], tiny_magma.config.model
+    assert block.fused_in.weight.shape == (3 * cfg.d_model + cfg.d_ff, cfg.d_model)
+    assert not hasattr(block.attn["attention"], "q_proj") and not hasattr(block.mlp[0], "c_fc")
+    fused = Magma(tiny_magma.config, model, tiny_magma.tokenizer)
+    request = tiny_magma.request("A picture of", "demo_example_images/scene_1.png", 1)
+    ref, got = tiny_magma.engine.full_logits([request]), fused.engine.full_logits([request])
+    finite = torch.isfinite(ref)  # banned ids are -inf in both
+    assert torch.equal(finite, torch.isfinite(got))
+    assert (ref - got)[finite].abs().max() < 1e-5 * ref[finite].abs().max()
+    for settings in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
+        a = tiny_magma.generate("A picture of", image="demo_example_images/scene_1.png", max_out_tokens=12, **settings)
+        b = fused.generate("A picture of", image="demo_example_images/scene_1.png", max_out_tokens=12, **settings)
+        assert a.token_ids == b.token_ids
+
+
+def test_dynamic_int8_linear_error_is_bounded_on_a_known_matrix():
+    from magma_ipu.quantize import DynamicInt8Linear
+
+    linear = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor([[1.0, -0.5, 0.25, 0.0], [127.0, 1.0, -3.0, 2.0], [0.01, 0.02, -0.03, 0.04]]))
+        linear.bias.copy_(torch.tensor([0.5, -1.0, 0.0]))
+    q = DynamicInt8Linear(linear)
+    x = torch.tensor([[1.0, 2.0, -1.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    # weight error <= scale/2 per entry (scale = row max / 127); activations: 7 bits over their range
+    w_step = linear.weight.abs().amax(1) / 127
+    x_step = (x.max() - x.min()) / 127
+    bound = (w_step / 2 * x.abs().sum(1, keepdim=True) + linear.weight.abs().sum(1) * x_step / 2) * 1.01
+    assert torch.all((q(x) - linear(x)).abs() <= bound)
+    assert torch.equal(q(x)[1], linear.bias.detach())  # a zero input gives exactly the bias
+    twin = copy.deepcopy(q)
+    del q  # the copy owns its own packed weights
+    assert torch.allclose(twin(x), linear(x), atol=bound.max().item())
+
+
+def test_compiled_int8_decode_gives_the_eager_int8_tokens(demo_magma):
+    from magma_ipu.generation import Engine
+    from magma_ipu.sampling import SamplingSettings
+
+    model = quantize_int8(copy.deepcopy(demo_magma.model), "dynamic")
+    eager = Engine(model, demo_magma.tokenizer.eos_id, demo_magma.engine.banned_ids)
+    compiled = Engine(model, demo_magma.tokenizer.eos_id, demo_magma.engine.banned_ids, compile=True)
+    recorded = {}
+    for engine in (eager, compiled):  # the same decode steps, one compiled: compare step by step
+        step = engine.decode_step
+        recorded[engine] = []
+        engine.decode_step = lambda *a, step=step, out=recorded[engine]: out.append(step(*a)) or out[-1]
+    request = demo_magma.request("A picture of", "demo_example_images/scene_3.png", 12)
+    settings = SamplingSettings(temperature=0, max_out_tokens=12)
+    tokens = compiled.generate([request], settings, [0])[0].token_ids
+    assert tokens == eager.generate([request], settings, [0])[0].token_ids
+    assert len(recorded[compiled]) == len(recorded[eager]) > 0
+    for got, want in zip(recorded[compiled], recorded[eager]):
+        finite = torch.isfinite(want)
+        assert (got - want)[finite].abs().max() < 1e-4 * want[finite].abs().max()

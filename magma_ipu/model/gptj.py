@@ -1,6 +1,8 @@
 """GPT-J with MAGMA's MLP adapters and a static key/value cache.
 
 Block (parallel, one LayerNorm):  h = ln_1(x);  x' = x + attn(h) + adapter(mlp(h))
+Attention and MLP read the same h, so their input matrices (q, k, v, c_fc) can be fused into one
+after loading (Block.fuse_input_projections): one matrix-vector product per block instead of four.
 Attention: no biases, interleaved ("rotate every two") rotary on the first rotary_dim dims of
 each head, softmax(q k^T / sqrt(head_dim)) under a causal mask.
 The module tree is the checkpoint's key tree: lm.transformer.h.N.attn.attention.q_proj, ...
@@ -52,15 +54,17 @@ class Attention(nn.Module):
         self.capture = False  # keep the last query's attention weights (B x H x S) for explanations
         self.captured: torch.Tensor | None = None
 
-    def forward(self, x, cos, sin, slots, mask):
-        # x: B x T x D;  mask: B x 1 x T x S (True = may attend)
-        b, t, _ = x.shape
-        q = apply_rotary(self.q_proj(x).view(b, t, self.n_head, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(b, t, self.n_head, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(b, t, self.n_head, self.head_dim)
+    def forward(self, q, k, v, cos, sin, slots, mask):
+        # q, k, v: B x T x H*hd projections (see Block.projections);  mask: B x 1 x T x S (True = may attend)
+        b, t, _ = q.shape
+        q = apply_rotary(q.view(b, t, self.n_head, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(b, t, self.n_head, self.head_dim), cos, sin)
+        v = v.view(b, t, self.n_head, self.head_dim)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # B x H x T x hd
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(slots, k, v)  # B x H x S x hd
+            k, v = self.kv_cache.update(slots, k, v)
+            live = mask.shape[-1]  # attend over the slots the mask covers, not the whole cache
+            k, v = k[:, :, :live], v[:, :, :live]  # B x H x S x hd
         if self.capture:  # the same attention, written out so its weights can be kept
             scores = (q @ k.transpose(-2, -1)) / self.head_dim**0.5
             weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
@@ -77,8 +81,9 @@ class FeedForward(nn.Module):
         self.c_fc = nn.Linear(cfg.d_model, cfg.d_ff)
         self.c_proj = nn.Linear(cfg.d_ff, cfg.d_model)
 
-    def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+    def forward(self, pre):
+        # pre: c_fc's output, computed by Block.projections (possibly fused with q, k, v)
+        return self.c_proj(F.gelu(pre, approximate="tanh"))
 
 
 class Adapter(nn.Module):
@@ -102,10 +107,34 @@ class Block(nn.Module):
         # the checkpoint nests attention one level down: attn.attention.q_proj
         self.attn = nn.ModuleDict({"attention": Attention(cfg)})
         self.mlp = nn.Sequential(FeedForward(cfg), Adapter(cfg))
+        self.fused_in: nn.Linear | None = None
+        self.fused_sizes: list[int] = []
+
+    def projections(self, h):
+        """q, k, v (B x T x H*hd each) and the MLP's pre-activation (B x T x d_ff) of ln_1's output."""
+        if self.fused_in is not None:
+            return self.fused_in(h).split(self.fused_sizes, dim=-1)
+        attention = self.attn["attention"]
+        return attention.q_proj(h), attention.k_proj(h), attention.v_proj(h), self.mlp[0].c_fc(h)
+
+    @torch.no_grad()
+    def fuse_input_projections(self) -> None:
+        """Replace q_proj, k_proj, v_proj and c_fc by one linear layer holding all four (same
+        arithmetic). A decode step then reads them in one call, and int8 quantizes h once."""
+        attention, ff = self.attn["attention"], self.mlp[0]
+        parts = [attention.q_proj, attention.k_proj, attention.v_proj, ff.c_fc]
+        self.fused_sizes = [p.out_features for p in parts]
+        weight = torch.cat([p.weight for p in parts])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+        fused.weight.copy_(weight)
+        fused.bias.zero_()[-ff.c_fc.out_features :].copy_(ff.c_fc.bias)
+        self.fused_in = fused
+        del attention.q_proj, attention.k_proj, attention.v_proj, ff.c_fc
 
     def forward(self, x, cos, sin, slots, mask):
         h = self.ln_1(x)
-        return x + self.attn["attention"](h, cos, sin, slots, mask) + self.mlp(h)
+        q, k, v, pre = self.projections(h)
+        return x + self.attn["attention"](q, k, v, cos, sin, slots, mask) + self.mlp(pre)
 
 
 class Transformer(nn.Module):
@@ -146,7 +175,8 @@ class GPTJ(nn.Module):
         embeds: B x T x D input embeddings (image prefix and/or token embeddings);
         slots: T, the sequence slots these inputs occupy (the cache slots when a cache is set);
         positions: B x T rotary positions (slot minus the row's left padding);
-        key_valid: B x S, which slots hold real inputs (S = cache length, or T without a cache).
+        key_valid: B x S, which slots hold real inputs (S: the first S slots of the cache, or T
+        without a cache; keys beyond S are not read).
         """
         rot = self.cfg.rotary_dim
         inv_freq = 1.0 / 10000 ** (torch.arange(0, rot, 2, device=embeds.device).float() / rot)
