@@ -9,6 +9,8 @@ F.linear pass over the same float weights (the weight-sweep floor).
     python inference.py --config bench_cpu --new_tokens 32               # CPU, float32
     python inference.py --config bench_cpu --quantize int8               # CPU, int8 (fbgemm)
     python inference.py --config magma_v1_500 --device cuda --dtype bfloat16 --compile true
+    torchrun --nproc-per-node 2 inference.py --checkpoint ckpt.pt --tensor_parallel 2     # per-rank figures
+    python inference.py --max_device_memory 300MB,450MB                                 # phased: ms/token per budget
 """
 
 from __future__ import annotations
@@ -112,9 +114,101 @@ def weight_sweep(model, batch: int, device) -> float:
     return timed(lambda: [F.linear(x[w.shape[1]], w, b) for w, b in mats], device)
 
 
+def measure(engine: Engine, requests, settings: SamplingSettings, seeds) -> tuple[GenerationStats, list]:
+    """One warm-up (compiles) then three runs: the run with the median decode time."""
+    engine.generate(requests, SamplingSettings(temperature=0, max_out_tokens=4), seeds)
+    runs = []
+    for _ in range(3):
+        stats = GenerationStats()
+        runs.append((stats, engine.generate(requests, settings, seeds, stats=stats)))
+    return sorted(runs, key=lambda run: run[0].decode_time)[1]
+
+
+def per_token(stats: GenerationStats) -> float:
+    return stats.decode_time / max(1, stats.new_tokens - 1)
+
+
+def transfer_bandwidth(device: torch.device) -> float:
+    """Bytes per second moved from host memory (pinned) to `device`; on CPU, a plain copy."""
+    n = 1 << 28
+    src = torch.empty(n, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    move = (lambda: src.to(device)) if device.type == "cuda" else src.clone
+    return n / timed(move, device, repeat=5)
+
+
+def print_row(row: dict) -> None:
+    width = max(len(k) for k in row)
+    for key, value in row.items():
+        if not isinstance(value, list):
+            print(f"{key:<{width}}  {value}")
+    print(json.dumps(row))
+
+
+def parallel_run(args, cfg, requests, settings, seeds, row: dict) -> None:
+    """Under torchrun: each rank loads its shard of the checkpoint; rank 0 prints every rank's figures."""
+    import torch.distributed as dist
+
+    if args.checkpoint is None:
+        raise SystemExit("--tensor_parallel needs --checkpoint (each rank reads its own slices of it)")
+    model = build_model(cfg, args.checkpoint)
+    device = model.lm.transformer.wte.weight.device
+    stats, _ = measure(Engine(model, eos_id=-1, compile=cfg.compile), requests, settings, seeds)
+    mine = {"rank": dist.get_rank(), "decode_ms_per_token": round(per_token(stats) * 1e3, 3),
+            "time_to_first_token_ms": round(stats.time_to_first_token * 1e3, 2),
+            "peak_memory_mb": round(peak_memory(device) / 2**20, 1), "weight_bytes_per_token": lm_weight_bytes(model)}
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
+    if dist.get_rank() == 0:
+        slowest = max(r["decode_ms_per_token"] for r in ranks)
+        row.update({"tensor_parallel": len(ranks), "decode_ms_per_token": slowest,
+                    "tokens_per_s": round(args.batch_size / slowest * 1e3, 2),
+                    "time_to_first_token_ms": max(r["time_to_first_token_ms"] for r in ranks),
+                    "peak_memory_mb_per_rank": [r["peak_memory_mb"] for r in ranks], "ranks": ranks})
+        for r in ranks:
+            print(f"rank {r['rank']}: {r['decode_ms_per_token']} ms/token, peak {r['peak_memory_mb']} MB, "
+                  f"{r['weight_bytes_per_token'] / 2**20:.1f} MiB of weights read per token")
+        print_row(row)
+    dist.destroy_process_group()
+
+
+def phased_run(args, cfg, requests, settings, seeds, row: dict) -> None:
+    """Time per token at each memory budget against the transfer floor (streamed bytes / bandwidth)."""
+    from magma_ipu.phased import _nbytes
+
+    device = torch.device(cfg.device)
+    bandwidth = transfer_bandwidth(device)
+    resident = build_model(cfg, args.checkpoint)
+    stats, _ = measure(Engine(resident, eos_id=-1, compile=cfg.compile), requests, settings, seeds)
+    resident_per_token = per_token(stats)
+    del resident
+    table = []
+    for budget in args.max_device_memory.split(","):
+        model = build_model(cfg.replace(max_device_memory=budget), args.checkpoint)
+        stats, _ = measure(Engine(model, eos_id=-1, compile=cfg.compile), requests, settings, seeds)
+        streamed = sum(_nbytes(block) for block in model.phased.streamed)
+        floor = streamed / bandwidth
+        table.append({"budget": budget, "resident_blocks": model.phased.resident,
+                      "streamed_blocks": len(model.phased.streamed), "streamed_mb_per_token": round(streamed / 2**20, 1),
+                      "decode_ms_per_token": round(per_token(stats) * 1e3, 2),
+                      "transfer_floor_ms": round(floor * 1e3, 2),
+                      "over_floor": round(per_token(stats) / floor, 2) if floor else None,
+                      "over_resident": round(per_token(stats) / resident_per_token, 2)})
+        del model
+    row.update({"transfer_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+                "resident_decode_ms_per_token": round(resident_per_token * 1e3, 2), "phased": table})
+    print(f"{'budget':>10} {'resident':>8} {'streamed':>8} {'MB/token':>9} {'ms/token':>9} {'floor ms':>9} "
+          f"{'/floor':>7} {'/resident':>9}")
+    for t in table:
+        print(f"{t['budget']:>10} {t['resident_blocks']:>8} {t['streamed_blocks']:>8} {t['streamed_mb_per_token']:>9} "
+              f"{t['decode_ms_per_token']:>9} {t['transfer_floor_ms']:>9} {t['over_floor'] or '-':>7} "
+              f"{t['over_resident']:>9}")
+    print_row(row)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="bench_cpu")
+    parser.add_argument("--checkpoint", default=None, help="weights from this file (default: random weights)")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--prompt_tokens", type=int, default=20)
@@ -122,18 +216,21 @@ def main() -> None:
     parser.add_argument("--quantize", default="none", choices=["none", "int8"])
     parser.add_argument("--device", default=None)
     parser.add_argument("--compile", default="false", choices=["true", "false"])
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, default=None, help="per process (default: all cores, shared by ranks)")
+    parser.add_argument("--tensor_parallel", type=int, default=1, help="ranks (run under torchrun; needs --checkpoint)")
+    parser.add_argument("--max_device_memory", default=None,
+                        help="comma-separated budgets, e.g. 2GiB,4GiB: phased execution's time per token at each")
     parser.add_argument("--skip", default="", help="comma-separated: reference,nocache,sweep")
     parser.add_argument("--quick", action="store_true", help="a seconds-long run on the demo-sized model (CI)")
     args = parser.parse_args()
     if args.quick:
         args.config, args.new_tokens, args.prompt_tokens = "demo", 8, 6
-    torch.set_num_threads(args.threads)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.tensor_parallel)
+    torch.set_num_threads(threads)
     skip = set(filter(None, args.skip.split(",")))
     overrides = {k: v for k, v in (("dtype", args.dtype), ("device", args.device)) if v is not None}
-    cfg = load_config(args.config, compile=args.compile, **overrides)
-    device = torch.device(cfg.device)
-    model = build_model(cfg.replace(quantize="none", compile=False), None)  # unquantized: the baselines use it
+    cfg = load_config(args.config, compile=args.compile, quantize=args.quantize,
+                      tensor_parallel=args.tensor_parallel, **overrides)
     vocab = cfg.model.vocab_size
     gen = torch.Generator().manual_seed(0)
     image = torch.randn(1, 3, cfg.model.image_resolution, cfg.model.image_resolution, generator=gen)
@@ -141,14 +238,20 @@ def main() -> None:
                 for _ in range(args.batch_size)]
     settings = SamplingSettings(temperature=0, max_out_tokens=args.new_tokens)
     seeds = [0] * args.batch_size
-    base_engine = Engine(model, eos_id=-1)
-    row: dict = {"config": cfg.name, "device": str(device), "dtype": cfg.dtype, "quantize": args.quantize,
+    row: dict = {"config": cfg.name, "device": cfg.device, "dtype": cfg.dtype, "quantize": args.quantize,
                  "batch_size": args.batch_size, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
-                 "threads": args.threads, "compile": cfg.compile}
+                 "threads": threads, "compile": cfg.compile}
+    if args.tensor_parallel > 1:
+        return parallel_run(args, cfg, requests, settings, seeds, row)
+    if args.max_device_memory:
+        return phased_run(args, cfg, requests, settings, seeds, row)
+    device = torch.device(cfg.device)
+    model = build_model(cfg.replace(quantize="none", compile=False), args.checkpoint)  # the baselines use it
+    base_engine = Engine(model, eos_id=-1)
 
     check_accuracy = args.quantize != "none" or cfg.dtype != "float32"
-    if check_accuracy:  # the float32 model with the same seed gives the same random weights
-        f32 = Engine(build_model(cfg.replace(dtype="float32", quantize="none", compile=False), None), eos_id=-1)
+    if check_accuracy:  # the float32 model with the same seed (or checkpoint) gives the same weights
+        f32 = Engine(build_model(cfg.replace(dtype="float32", quantize="none", compile=False), args.checkpoint), -1)
         float_tokens = f32.generate(requests[:1], settings, [0])[0].token_ids
         float_logits = f32.forced_logits(requests[0], float_tokens).cpu()
         del f32
@@ -171,14 +274,8 @@ def main() -> None:
 
         quantize_int8(model)
     engine = Engine(model, eos_id=-1, compile=cfg.compile)
-    engine.generate(requests, SamplingSettings(temperature=0, max_out_tokens=4), seeds)  # warm-up / compile
-    runs = []
-    for _ in range(3):
-        stats = GenerationStats()
-        results = engine.generate(requests, settings, seeds, stats=stats)
-        runs.append(stats)
-    stats = sorted(runs, key=lambda s: s.decode_time)[1]
-    decode_per_token = stats.decode_time / max(1, stats.new_tokens - 1)
+    stats, results = measure(engine, requests, settings, seeds)
+    decode_per_token = per_token(stats)
     request_time = stats.time_to_first_token + stats.decode_time
     weight_bytes = lm_weight_bytes(model)
     bandwidth = memory_bandwidth(device)
@@ -215,10 +312,7 @@ def main() -> None:
     if "sweep" not in skip:
         row.update({"float32_weight_sweep_ms": round(sweep * 1e3, 3),
                     "decode_over_weight_sweep": round(decode_per_token / sweep, 3)})
-    width = max(len(k) for k in row)
-    for key, value in row.items():
-        print(f"{key:<{width}}  {value}")
-    print(json.dumps(row))
+    print_row(row)
 
 
 if __name__ == "__main__":
