@@ -173,8 +173,6 @@ def parallel_run(args, cfg, requests, settings, seeds, row: dict) -> None:
 
 def phased_run(args, cfg, requests, settings, seeds, row: dict) -> None:
     """Time per token at each memory budget against the transfer floor (streamed bytes / bandwidth)."""
-    from magma_ipu.phased import _nbytes
-
     device = torch.device(cfg.device)
     bandwidth = transfer_bandwidth(device)
     resident = build_model(cfg, args.checkpoint)
@@ -185,7 +183,7 @@ def phased_run(args, cfg, requests, settings, seeds, row: dict) -> None:
     for budget in args.max_device_memory.split(","):
         model = build_model(cfg.replace(max_device_memory=budget), args.checkpoint)
         stats, _ = measure(Engine(model, eos_id=-1, compile=cfg.compile), requests, settings, seeds)
-        streamed = sum(_nbytes(block) for block in model.phased.streamed)
+        streamed = model.phased.streamed_bytes
         floor = streamed / bandwidth
         table.append({"budget": budget, "resident_blocks": model.phased.resident,
                       "streamed_blocks": len(model.phased.streamed), "streamed_mb_per_token": round(streamed / 2**20, 1),

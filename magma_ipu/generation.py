@@ -111,10 +111,9 @@ class Engine:
     def _attended(self, slot: int, step_fn) -> int:
         """How many cache slots a decode step at `slot` reads: exactly the filled ones, or for the
         compiled step the next power of two (a few shapes to compile, at most twice the reads)."""
-        length = self.key_valid.shape[1]
         if step_fn is self._decode_step:
             return slot + 1
-        return min(length, max(64, 1 << slot.bit_length()))
+        return min(self.key_valid.shape[1], max(64, 1 << slot.bit_length()))
 
     def _decode_step(self, token: torch.Tensor, slot: torch.Tensor, position: torch.Tensor, key_valid):
         # token: B; slot: 1; position: B x 1  ->  logits B x V

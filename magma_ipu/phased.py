@@ -57,11 +57,14 @@ class PhasedBlocks:
         for module in [model.image_prefix, model.lm.transformer.wte, model.lm.transformer.ln_f, model.lm.lm_head,
                        *blocks[: self.resident]]:
             module.to(self.device)
+        self.streamed_bytes = per_block * len(self.streamed)  # host-to-device traffic of one pass
         pin = self.device.type == "cuda"
-        self.host = [{name: (t.data.cpu().pin_memory() if pin else t.data.cpu()) for name, t in _weights(b).items()}
-                     for b in self.streamed]
-        for block, host in zip(self.streamed, self.host):
-            for name, t in _weights(block).items():
+        # each streamed block's weight tensors, found once: streaming swaps their .data, never the tensors
+        self.weights = [_weights(b) for b in self.streamed]
+        self.host = [{name: (t.data.cpu().pin_memory() if pin else t.data.cpu()) for name, t in w.items()}
+                     for w in self.weights]
+        for weights, host in zip(self.weights, self.host):
+            for name, t in weights.items():
                 t.data = host[name]
         self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.pending: dict[int, tuple[dict, object]] = {}
@@ -85,11 +88,11 @@ class PhasedBlocks:
             torch.cuda.current_stream(self.device).wait_event(event)
             for t in tensors.values():  # used on the main stream: keep the allocator from reusing early
                 t.record_stream(torch.cuda.current_stream(self.device))
-        for name, t in _weights(self.streamed[i]).items():
+        for name, t in self.weights[i].items():
             t.data = tensors[name]
         if i + 1 < len(self.streamed):  # overlap: the next block's copy runs while this one computes
             self.pending[i + 1] = self._copy(i + 1)
 
     def _send_back(self, i: int) -> None:
-        for name, t in _weights(self.streamed[i]).items():
+        for name, t in self.weights[i].items():
             t.data = self.host[i][name]

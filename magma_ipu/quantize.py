@@ -19,13 +19,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def per_channel_scale(w: torch.Tensor) -> torch.Tensor:
+    """One symmetric int8 scale per output row: its largest magnitude maps to 127."""
+    return w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+
+
 class Int8WeightOnlyLinear(nn.Module):
     """y = (x @ W_int8^T) * scale + bias, with one scale per output channel."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        scale = per_channel_scale(w)
         self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(linear.weight.dtype))
         self.bias = linear.bias
@@ -53,10 +58,14 @@ class PackedInt8Weight:
         return PackedInt8Weight(*torch.ops.quantized.linear_unpack(self.params))
 
 
+def fbgemm_linear(x: torch.Tensor, packed: PackedInt8Weight) -> torch.Tensor:
+    # reduce_range: 7-bit activations, so that int16 pair sums cannot saturate on CPUs without VNNI
+    return torch.ops.quantized.linear_dynamic(x, packed.params, True)
+
+
 @torch.library.custom_op("magma_ipu::int8_dynamic_linear", mutates_args=())
 def int8_dynamic_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    # reduce_range: 7-bit activations, so that int16 pair sums cannot saturate on CPUs without VNNI
-    return torch.ops.quantized.linear_dynamic(x, PackedInt8Weight._registry[handle].params, True)
+    return fbgemm_linear(x, PackedInt8Weight._registry[handle])
 
 
 @int8_dynamic_linear.register_fake
@@ -70,7 +79,7 @@ class DynamicInt8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        scale = per_channel_scale(w)
         zero = torch.zeros(len(scale), dtype=torch.long)
         qweight = torch.quantize_per_channel(w, scale.double(), zero, 0, torch.qint8)
         bias = None if linear.bias is None else linear.bias.detach().float()
@@ -81,7 +90,7 @@ class DynamicInt8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return int8_dynamic_linear(x, self.packed.handle, self.out_features)
-        return torch.ops.quantized.linear_dynamic(x, self.packed.params, True)  # eager: skip the op wrapper
+        return fbgemm_linear(x, self.packed)  # eager: skip the custom op's dispatch
 
 
 def _replace_linears(module: nn.Module, make) -> None:
@@ -98,15 +107,16 @@ def quantize_int8(model: nn.Module, method: str | None = None) -> nn.Module:
     on CPU, for tests)."""
     device = next(model.parameters()).device
     method = method or ("dynamic" if device.type == "cpu" else "weight_only")
-    for block in model.lm.transformer.h:
-        if block.fused_in is None:
-            block.fuse_input_projections()
     if method == "weight_only":
-        _replace_linears(model.lm, Int8WeightOnlyLinear)
+        make = Int8WeightOnlyLinear
     elif method == "dynamic":
         if device.type != "cpu" or next(model.parameters()).dtype != torch.float32:
             raise ValueError("dynamic int8 runs on CPU float32 models only")
-        _replace_linears(model.lm, DynamicInt8Linear)
+        make = DynamicInt8Linear
     else:
         raise ValueError(f"unknown int8 method {method!r}")
+    for block in model.lm.transformer.h:  # only once the method is known good: the model is left as it was otherwise
+        if block.fused_in is None:
+            block.fuse_input_projections()
+    _replace_linears(model.lm, make)
     return model
