@@ -27,8 +27,9 @@ import torch.nn.functional as F
 
 from magma_ipu.config import load_config
 from magma_ipu.generation import Engine, GenerationStats
+from magma_ipu.packed import PackedLinear, pack_for_onednn
 from magma_ipu.sampling import SamplingSettings
-from magma_ipu.session import build_model
+from magma_ipu.session import build_model, packs_for_onednn
 
 
 def sync(device: torch.device) -> None:
@@ -59,14 +60,12 @@ def memory_bandwidth(device: torch.device) -> float:
 
 def lm_weight_bytes(model) -> int:
     """Bytes of language-model weights read per decoded token (all of them but the embedding)."""
-    from magma_ipu.quantize import DynamicInt8Linear
-
     total = 0
     for name, t in list(model.lm.named_parameters()) + list(model.lm.named_buffers()):
         if "wte" not in name:
             total += t.numel() * t.element_size()
-    # fbgemm's packed int8 weights are not parameters
-    return total + sum(m.weight_bytes for m in model.lm.modules() if isinstance(m, DynamicInt8Linear))
+    # packed weights (oneDNN, fbgemm) are not parameters
+    return total + sum(m.weight_bytes for m in model.lm.modules() if isinstance(m, PackedLinear))
 
 
 def peak_memory(device: torch.device) -> int:
@@ -214,6 +213,8 @@ def main() -> None:
     parser.add_argument("--quantize", default="none", choices=["none", "int8"])
     parser.add_argument("--device", default=None)
     parser.add_argument("--compile", default="false", choices=["true", "false"])
+    parser.add_argument("--onednn", default="true", choices=["true", "false"],
+                        help="CPU float32: the linear layers through oneDNN (false: aten's F.linear)")
     parser.add_argument("--threads", type=int, default=None, help="per process (default: all cores, shared by ranks)")
     parser.add_argument("--tensor_parallel", type=int, default=1, help="ranks (run under torchrun; needs --checkpoint)")
     parser.add_argument("--max_device_memory", default=None,
@@ -227,7 +228,7 @@ def main() -> None:
     torch.set_num_threads(threads)
     skip = set(filter(None, args.skip.split(",")))
     overrides = {k: v for k, v in (("dtype", args.dtype), ("device", args.device)) if v is not None}
-    cfg = load_config(args.config, compile=args.compile, quantize=args.quantize,
+    cfg = load_config(args.config, compile=args.compile, quantize=args.quantize, onednn=args.onednn,
                       tensor_parallel=args.tensor_parallel, **overrides)
     vocab = cfg.model.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -238,18 +239,20 @@ def main() -> None:
     seeds = [0] * args.batch_size
     row: dict = {"config": cfg.name, "device": cfg.device, "dtype": cfg.dtype, "quantize": args.quantize,
                  "batch_size": args.batch_size, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
-                 "threads": threads, "compile": cfg.compile}
+                 "threads": threads, "compile": cfg.compile, "onednn": packs_for_onednn(cfg)}
     if args.tensor_parallel > 1:
         return parallel_run(args, cfg, requests, settings, seeds, row)
     if args.max_device_memory:
         return phased_run(args, cfg, requests, settings, seeds, row)
     device = torch.device(cfg.device)
-    model = build_model(cfg.replace(quantize="none", compile=False), args.checkpoint)  # the baselines use it
+    # the baselines use the plain float model; it is quantized or packed for oneDNN after them
+    model = build_model(cfg.replace(quantize="none", compile=False, onednn=False), args.checkpoint)
     base_engine = Engine(model, eos_id=-1)
 
     check_accuracy = args.quantize != "none" or cfg.dtype != "float32"
     if check_accuracy:  # the float32 model with the same seed (or checkpoint) gives the same weights
-        f32 = Engine(build_model(cfg.replace(dtype="float32", quantize="none", compile=False), args.checkpoint), -1)
+        plain = cfg.replace(dtype="float32", quantize="none", compile=False, onednn=False)
+        f32 = Engine(build_model(plain, args.checkpoint), -1)
         float_tokens = f32.generate(requests[:1], settings, [0])[0].token_ids
         float_logits = f32.forced_logits(requests[0], float_tokens).cpu()
         del f32
@@ -271,6 +274,8 @@ def main() -> None:
         from magma_ipu.quantize import quantize_int8
 
         quantize_int8(model)
+    elif packs_for_onednn(cfg):
+        pack_for_onednn(model)
     engine = Engine(model, eos_id=-1, compile=cfg.compile)
     stats, results = measure(engine, requests, settings, seeds)
     decode_per_token = per_token(stats)

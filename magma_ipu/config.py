@@ -68,7 +68,8 @@ class MagmaConfig:
     dtype: str = "float32"
     device: str = "cpu"
     quantize: str = "none"  # "int8": weight-only int8 linear layers
-    compile: bool = False  # torch.compile the decode step (CUDA graphs on CUDA)
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on CUDA) and the prefill
+    onednn: bool = True  # CPU float32: run the language model's linear layers through oneDNN (faster)
     tensor_parallel: int = 1  # processes (GPUs) the language model is split over; launch with torchrun
     max_device_memory: str | None = None  # e.g. "6GiB": blocks beyond it stream from host memory
     image_timeout: float = 10.0  # seconds to wait for an image server

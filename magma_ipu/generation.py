@@ -3,7 +3,8 @@
 A request is a list of segments: image tensors (1 x 3 x R x R) and token-id lists, in prompt order.
 Rows of a batch are left-padded to a common length; each row's rotary positions start at 0 on
 its first real input and padding slots are masked out, so a row gives the same tokens alone or
-in a batch.
+in a batch. Compiled, the prefill pads further, to a multiple of PROMPT_BUCKET positions, so that
+prompts of many lengths share a few compiled shapes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from .sampling import SamplingSettings, draw
 
 Segment = Union[torch.Tensor, Sequence[int]]
 Request = Sequence[Segment]
+
+PROMPT_BUCKET = 128  # compiled prefill widths: at most 6 shapes for MAGMA's 644-slot sequence
 
 
 @dataclass
@@ -41,7 +44,7 @@ class RowResult:
 
 
 class Engine:
-    """Runs requests through a MagmaModel; owns the cache and the compiled decode step."""
+    """Runs requests through a MagmaModel; owns the cache and the compiled prefill and decode step."""
 
     def __init__(self, model: MagmaModel, eos_id: int, banned_ids: Sequence[int] = (), compile: bool = False):
         self.model = model
@@ -50,10 +53,12 @@ class Engine:
         self.device = model.lm.transformer.wte.weight.device
         self.dtype = model.lm.transformer.wte.weight.dtype
         self.key_valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
-        self.decode_step = self._decode_step
+        self.decode_step, self.prefill_step = self._decode_step, self._prefill_step
+        self.compiled = compile
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             self.decode_step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
+            self.prefill_step = torch.compile(self._prefill_step, mode=mode, fullgraph=True, dynamic=False)
 
     # -- building inputs ----------------------------------------------------------------------
 
@@ -77,9 +82,10 @@ class Engine:
             sequences.append(torch.cat(parts))
         return sequences
 
-    def _left_pad(self, sequences: list[torch.Tensor]):
-        """B x T x D embeddings, B x T validity, B x T rotary positions and B pad counts."""
-        width = max(len(s) for s in sequences)
+    def _left_pad(self, sequences: list[torch.Tensor], width: int = 0):
+        """B x T x D embeddings, B x T validity, B x T rotary positions and B pad counts; T is the
+        longest sequence's length, or `width` if that is more."""
+        width = max(width, max(len(s) for s in sequences))
         batch, dim = len(sequences), sequences[0].shape[-1]
         embeds = torch.zeros(batch, width, dim, dtype=self.dtype, device=self.device)
         valid = torch.zeros(batch, width, dtype=torch.bool, device=self.device)
@@ -114,6 +120,11 @@ class Engine:
         if step_fn is self._decode_step:
             return slot + 1
         return min(self.key_valid.shape[1], max(64, 1 << slot.bit_length()))
+
+    def _prefill_step(self, embeds: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, key_valid):
+        # embeds: B x T x D; slots: T; positions, key_valid: B x T  ->  the last position's logits, B x V
+        hidden = self.model(embeds, slots, positions, key_valid)
+        return self._logits(hidden[:, -1])
 
     def _decode_step(self, token: torch.Tensor, slot: torch.Tensor, position: torch.Tensor, key_valid):
         # token: B; slot: 1; position: B x 1  ->  logits B x V
@@ -173,17 +184,22 @@ class Engine:
             spans.append(row)
         return spans
 
-    def _prefill(self, requests: Sequence[Request], new_tokens: int, capacity: int = 0):
+    def _prefill(self, requests: Sequence[Request], new_tokens: int, capacity: int = 0, eager: bool = False):
         """Image encoder and prompt through the model, filling a cache with room for `new_tokens`
         more (and at least `capacity` slots). Returns the last position's logits (B x V), the
-        prompt width and each row's padding."""
-        embeds, valid, positions, pads = self._left_pad(self.embed(requests))
-        batch, width = valid.shape
-        self._ensure_cache(batch, max(capacity, width + new_tokens))
+        prompt width (padding included) and each row's padding."""
+        sequences = self.embed(requests)
+        longest = max(len(s) for s in sequences)
+        length = max(capacity, longest + new_tokens)
+        width = longest
+        if self.compiled and not eager:  # a bucket's width, as far as the cache has room for it
+            width = max(longest, min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, length - new_tokens))
+        embeds, valid, positions, pads = self._left_pad(sequences, width)
+        self._ensure_cache(len(requests), length)
         self.key_valid[:, :width] = valid
         slots = torch.arange(width, device=self.device)
-        hidden = self.model(embeds, slots, positions, self.key_valid[:, :width])
-        return self._logits(hidden[:, -1]), width, pads
+        step_fn = self._prefill_step if eager else self.prefill_step
+        return step_fn(embeds, slots, positions, self.key_valid[:, :width]), width, pads
 
     def _step(self, token: torch.Tensor, slot: int, pads: torch.Tensor, eager: bool = False) -> torch.Tensor:
         """Feed `token` (B) at cache slot `slot`: logits B x V for the next one."""
@@ -208,11 +224,11 @@ class Engine:
         stats = stats if stats is not None else GenerationStats()
         start = time.perf_counter()
         generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        logits, width, pads = self._prefill(requests, settings.max_out_tokens, capacity)
+        logits, width, pads = self._prefill(requests, settings.max_out_tokens, capacity, eager=explain is not None)
         token = draw(logits, settings, generators)
         spans = self.image_spans(requests) if explain is not None else None
         pad_list = pads.tolist()
-        stats.prompt_positions = width
+        stats.prompt_positions = width - min(pad_list)  # the longest prompt, without padding
         finished = [False] * len(requests)
         for step in range(settings.max_out_tokens):
             if step == 0:

@@ -67,8 +67,9 @@ def check_divisible(model: MagmaModel, world: int) -> None:
         raise ValueError(f"tensor_parallel={world} must divide {', '.join(bad)}")
 
 
-def shard_model(model: MagmaModel, rank: int, world: int, group=None) -> MagmaModel:
-    """Give `model` (built on `meta`) this rank's shapes and the collectives that join the shards."""
+def shard_model(model: MagmaModel, rank: int, world: int) -> MagmaModel:
+    """Give `model` (built on `meta`) this rank's shapes; `join_shards` adds the collectives once
+    the weights are loaded (and quantized or packed)."""
     check_divisible(model, world)
     for key, param in list(model.named_parameters()):
         module_name, _, name = key.rpartition(".")
@@ -78,6 +79,13 @@ def shard_model(model: MagmaModel, rank: int, world: int, group=None) -> MagmaMo
                                            requires_grad=False))
     for block in model.lm.transformer.h:
         block.attn["attention"].n_head //= world
+    return model
+
+
+def join_shards(model: MagmaModel, world: int, group=None) -> MagmaModel:
+    """Sum the row-split layers' partial outputs over the ranks and gather the vocabulary-split
+    logits. Hooked on the layers the model finally runs, so call it after any layer replacement."""
+    for block in model.lm.transformer.h:
         for linear in (block.attn["attention"].out_proj, block.mlp[0].c_proj, block.mlp[1].adapter[2]):
             linear.register_forward_hook(lambda _m, _a, out: _all_reduce(out, group))
     model.lm.lm_head.register_forward_hook(lambda _m, _a, out: _all_gather_last(out, world, group))

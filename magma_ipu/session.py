@@ -103,11 +103,28 @@ def build_model(config: MagmaConfig, checkpoint: str | Path | None, progress: bo
         from .quantize import quantize_int8
 
         quantize_int8(model)
+    elif packs_for_onednn(config):
+        from .packed import pack_for_onednn
+
+        pack_for_onednn(model)
+    if config.tensor_parallel > 1:
+        from .parallel import join_shards
+
+        join_shards(model, config.tensor_parallel)
     if config.max_device_memory is not None:
         from .phased import PhasedBlocks, parse_bytes
 
         model.phased = PhasedBlocks(model, parse_bytes(config.max_device_memory), config.device)
     return model
+
+
+def packs_for_onednn(config: MagmaConfig) -> bool:
+    """Whether build_model repacks the float32 linear layers for oneDNN (CPU; not when phased
+    execution moves the blocks' weights, which packed layers hide)."""
+    from .packed import onednn_available
+
+    return (config.onednn and config.device == "cpu" and config.dtype == "float32" and config.quantize == "none"
+            and config.max_device_memory is None and onednn_available())
 
 
 def lm_parameters(cfg) -> int:

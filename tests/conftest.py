@@ -42,7 +42,8 @@ def tiny_config(vocab_size: int, **overrides) -> MagmaConfig:
         lm_head_size=vocab_size + 40, adapter_downsample=4, image_layers=(1, 2, 1, 1),
         image_width=8, image_resolution=64,
     )
-    return MagmaConfig(model=model, sequence_length=48, max_out_tokens=8).replace(**overrides)
+    # plain nn.Linear layers, as checkpoints and transformers name them (test_packed covers oneDNN)
+    return MagmaConfig(model=model, sequence_length=48, max_out_tokens=8, onednn=False).replace(**overrides)
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +119,12 @@ def http_server():
 @pytest.fixture(scope="session")
 def demo_magma():
     return Magma.load("demo")
+
+
+@pytest.fixture(scope="session")
+def demo_float_magma():
+    """The demo model with plain float linear layers, to quantize or compare against."""
+    return Magma.load("demo", onednn=False)
 
 
 @pytest.fixture(autouse=True, scope="session")

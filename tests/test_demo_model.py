@@ -9,10 +9,10 @@ from magma_ipu.scenes import names_objects
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_embedded_model_has_magma_layout_and_fits_the_size_budget(demo_magma):
+def test_embedded_model_has_magma_layout_and_fits_the_size_budget(demo_float_magma):
     assets = ROOT / "magma_ipu" / "assets" / "demo"
     assert sum(p.stat().st_size for p in assets.iterdir()) < 25 * 2**20
-    keys = set(demo_magma.model.state_dict())
+    keys = set(demo_float_magma.model.state_dict())
     assert "lm.transformer.h.0.attn.attention.q_proj.weight" in keys
     assert "lm.transformer.h.3.mlp.1.adapter.2.bias" in keys
     assert "image_prefix.enc.layer4.0.downsample.0.weight" in keys

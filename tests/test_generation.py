@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from magma_ipu import PromptError
-from magma_ipu.generation import Engine
+from magma_ipu.generation import Engine, GenerationStats
 from magma_ipu.sampling import SamplingSettings
 
 
@@ -197,3 +197,34 @@ def test_forced_logits_follow_the_decode_path(tiny_magma):
     assert forced[:-1].argmax(-1).tolist() == tokens  # greedy: each step's argmax is the next token
     full = tiny_magma.engine.full_logits([list(request) + [tokens]])[0, -len(tokens) - 1 :]
     assert max_diff(forced, full) < 1e-5
+
+
+def test_compiled_prefill_pads_prompts_to_a_shared_bucket(tiny_magma):
+    from magma_ipu.generation import PROMPT_BUCKET
+
+    engine = Engine(tiny_magma.model, tiny_magma.tokenizer.eos_id, tiny_magma.engine.banned_ids, compile=True)
+    settings = SamplingSettings(temperature=0, max_out_tokens=6)
+    capacity = PROMPT_BUCKET + 40
+    requests = [tiny_magma.request(prompt, picture(i), 6) for i, prompt in enumerate(("A picture of", "Q: How many?"))]
+    widths = {len(tiny_magma.engine.embed([r])[0]) for r in requests}
+    assert len(widths) == 2 and max(widths) < PROMPT_BUCKET  # two lengths, one bucket
+    for i, request in enumerate(requests):
+        # the second prompt reuses the first one's graphs
+        with torch._dynamo.config.patch(error_on_recompile=i > 0), torch.inference_mode():
+            logits, width, pads = engine._prefill([request], 6, capacity)
+            stats = GenerationStats()
+            tokens = engine.generate([request], settings, [0], stats=stats, capacity=capacity)[0].token_ids
+        assert width == PROMPT_BUCKET and stats.prompt_positions == len(tiny_magma.engine.embed([request])[0])
+        with torch.inference_mode():
+            eager_logits, eager_width, _ = tiny_magma.engine._prefill([request], 6, capacity)
+        assert eager_width < width and max_diff(logits, eager_logits) < 1e-4
+        assert tokens == tiny_magma.engine.generate([request], settings, [0], capacity=capacity)[0].token_ids
+
+
+def test_a_bucket_never_outgrows_the_cache(tiny_magma):
+    engine = Engine(tiny_magma.model, tiny_magma.tokenizer.eos_id, tiny_magma.engine.banned_ids, compile=True)
+    request = tiny_magma.request("A picture of", picture(1), 8)
+    longest = len(engine.embed([request])[0])
+    with torch.inference_mode():
+        _, width, _ = engine._prefill([request], 8, capacity=longest + 8)
+    assert width == longest and engine.model.lm.cache_size[1] >= width + 8

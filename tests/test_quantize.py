@@ -24,8 +24,8 @@ def test_weight_only_linear_is_per_channel_and_close():
 
 
 @pytest.mark.parametrize("method", ["dynamic", "weight_only"])
-def test_demo_model_int8_gives_the_float_captions(demo_magma, method):
-    model = copy.deepcopy(demo_magma.model)
+def test_demo_model_int8_gives_the_float_captions(demo_magma, demo_float_magma, method):
+    model = copy.deepcopy(demo_float_magma.model)
     quantize_int8(model, method)
     int8 = Magma(demo_magma.config, model, demo_magma.tokenizer)
     image = "demo_example_images/scene_2.png"
@@ -61,13 +61,13 @@ def test_fused_input_projections_change_nothing(tiny_magma):
 
 
 def test_dynamic_int8_linear_error_is_bounded_on_a_known_matrix():
-    from magma_ipu.quantize import DynamicInt8Linear
+    from magma_ipu.quantize import dynamic_int8_linear
 
     linear = torch.nn.Linear(4, 3)
     with torch.no_grad():
         linear.weight.copy_(torch.tensor([[1.0, -0.5, 0.25, 0.0], [127.0, 1.0, -3.0, 2.0], [0.01, 0.02, -0.03, 0.04]]))
         linear.bias.copy_(torch.tensor([0.5, -1.0, 0.0]))
-    q = DynamicInt8Linear(linear)
+    q = dynamic_int8_linear(linear)
     x = torch.tensor([[1.0, 2.0, -1.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
     # weight error <= scale/2 per entry (scale = row max / 127); activations: 7 bits over their range
     w_step = linear.weight.abs().amax(1) / 127
@@ -80,11 +80,11 @@ def test_dynamic_int8_linear_error_is_bounded_on_a_known_matrix():
     assert torch.allclose(twin(x), linear(x), atol=bound.max().item())
 
 
-def test_compiled_int8_decode_gives_the_eager_int8_tokens(demo_magma):
+def test_compiled_int8_decode_gives_the_eager_int8_tokens(demo_magma, demo_float_magma):
     from magma_ipu.generation import Engine
     from magma_ipu.sampling import SamplingSettings
 
-    model = quantize_int8(copy.deepcopy(demo_magma.model), "dynamic")
+    model = quantize_int8(copy.deepcopy(demo_float_magma.model), "dynamic")
     eager = Engine(model, demo_magma.tokenizer.eos_id, demo_magma.engine.banned_ids)
     compiled = Engine(model, demo_magma.tokenizer.eos_id, demo_magma.engine.banned_ids, compile=True)
     recorded = {}

@@ -27,7 +27,7 @@ def main(config_path: str, out_path: str) -> None:
     if dist.get_rank() == 0:
         torch.save({"prefill": prefill, "steps": steps, "greedy": greedy,
                     "sampled": [r.token_ids for r in sampled],
-                    "local_q_rows": magma.model.lm.transformer.h[0].attn["attention"].q_proj.weight.shape[0]},
+                    "local_heads": magma.model.lm.transformer.h[0].attn["attention"].n_head},
                    out_path)
     dist.barrier()
     dist.destroy_process_group()

@@ -123,11 +123,11 @@ class Block(nn.Module):
         arithmetic). A decode step then reads them in one call, and int8 quantizes h once."""
         attention, ff = self.attn["attention"], self.mlp[0]
         parts = [attention.q_proj, attention.k_proj, attention.v_proj, ff.c_fc]
-        self.fused_sizes = [p.out_features for p in parts]
+        self.fused_sizes = [p.weight.shape[0] for p in parts]  # not out_features: a shard has fewer rows
         weight = torch.cat([p.weight for p in parts])
         fused = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
         fused.weight.copy_(weight)
-        fused.bias.zero_()[-ff.c_fc.out_features :].copy_(ff.c_fc.bias)
+        fused.bias.zero_()[-self.fused_sizes[-1] :].copy_(ff.c_fc.bias)
         self.fused_in = fused
         del attention.q_proj, attention.k_proj, attention.v_proj, ff.c_fc
 
