@@ -113,13 +113,14 @@ def weight_sweep(model, batch: int, device) -> float:
     return timed(lambda: [F.linear(x[w.shape[1]], w, b) for w, b in mats], device)
 
 
-def measure(engine: Engine, requests, settings: SamplingSettings, seeds) -> tuple[GenerationStats, list]:
-    """One warm-up (compiles) then three runs: the run with the median decode time."""
-    engine.generate(requests, SamplingSettings(temperature=0, max_out_tokens=4), seeds)
+def measure(engine: Engine, requests, settings: SamplingSettings, seeds, cfg) -> tuple[GenerationStats, list]:
+    """One warm-up (compiles) then three runs: the run with the median decode time. The cache is
+    the session's (cfg.cache_length slots), so a compiled prefill pads to its bucket as in use."""
+    engine.generate(requests, settings, seeds, capacity=cfg.cache_length)
     runs = []
     for _ in range(3):
         stats = GenerationStats()
-        runs.append((stats, engine.generate(requests, settings, seeds, stats=stats)))
+        runs.append((stats, engine.generate(requests, settings, seeds, stats=stats, capacity=cfg.cache_length)))
     return sorted(runs, key=lambda run: run[0].decode_time)[1]
 
 
@@ -151,7 +152,7 @@ def parallel_run(args, cfg, requests, settings, seeds, row: dict) -> None:
         raise SystemExit("--tensor_parallel needs --checkpoint (each rank reads its own slices of it)")
     model = build_model(cfg, args.checkpoint)
     device = model.lm.transformer.wte.weight.device
-    stats, _ = measure(Engine(model, eos_id=-1, compile=cfg.compile), requests, settings, seeds)
+    stats, _ = measure(Engine(model, eos_id=-1, compile=cfg.compile), requests, settings, seeds, cfg)
     mine = {"rank": dist.get_rank(), "decode_ms_per_token": round(per_token(stats) * 1e3, 3),
             "time_to_first_token_ms": round(stats.time_to_first_token * 1e3, 2),
             "peak_memory_mb": round(peak_memory(device) / 2**20, 1), "weight_bytes_per_token": lm_weight_bytes(model)}
@@ -175,13 +176,13 @@ def phased_run(args, cfg, requests, settings, seeds, row: dict) -> None:
     device = torch.device(cfg.device)
     bandwidth = transfer_bandwidth(device)
     resident = build_model(cfg, args.checkpoint)
-    stats, _ = measure(Engine(resident, eos_id=-1, compile=cfg.compile), requests, settings, seeds)
+    stats, _ = measure(Engine(resident, eos_id=-1, compile=cfg.compile), requests, settings, seeds, cfg)
     resident_per_token = per_token(stats)
     del resident
     table = []
     for budget in args.max_device_memory.split(","):
         model = build_model(cfg.replace(max_device_memory=budget), args.checkpoint)
-        stats, _ = measure(Engine(model, eos_id=-1, compile=cfg.compile), requests, settings, seeds)
+        stats, _ = measure(Engine(model, eos_id=-1, compile=cfg.compile), requests, settings, seeds, cfg)
         streamed = model.phased.streamed_bytes
         floor = streamed / bandwidth
         table.append({"budget": budget, "resident_blocks": model.phased.resident,
@@ -265,8 +266,8 @@ def main() -> None:
         ref_first, ref_per_token = reference_decode(hf, prefix, args.new_tokens, device)
         del hf
     if "nocache" not in skip:
-        padded = cfg.model.image_tokens + cfg.sequence_length
-        nocache_per_token = timed(lambda: nocache_step(base_engine, model, requests[0], padded), device, repeat=2)
+        nocache_per_token = timed(lambda: nocache_step(base_engine, model, requests[0], cfg.cache_length), device,
+                                  repeat=2)
     if "sweep" not in skip:
         sweep = weight_sweep(model, args.batch_size, device)
 
@@ -277,7 +278,7 @@ def main() -> None:
     elif packs_for_onednn(cfg):
         pack_for_onednn(model)
     engine = Engine(model, eos_id=-1, compile=cfg.compile)
-    stats, results = measure(engine, requests, settings, seeds)
+    stats, results = measure(engine, requests, settings, seeds, cfg)
     decode_per_token = per_token(stats)
     request_time = stats.time_to_first_token + stats.decode_time
     weight_bytes = lm_weight_bytes(model)

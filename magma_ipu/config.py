@@ -82,6 +82,11 @@ class MagmaConfig:
     max_out_tokens: int = 6
     name: str = "custom"
 
+    @property
+    def cache_length(self) -> int:
+        """Slots of a session's key/value cache: one image's positions and sequence_length tokens."""
+        return self.model.image_tokens + self.sequence_length
+
     def replace(self, **overrides: Any) -> "MagmaConfig":
         """A copy with fields changed; model fields may be given flat (`n_layer=2`)."""
         return _build(dataclasses.asdict(self), overrides, source="override")

@@ -215,9 +215,9 @@ class Engine:
         generation computes them (prefill, then one cached step per token) with the given tokens
         fed instead of drawn ones: how a quantized model's decoding compares along a fixed path."""
         logits, width, pads = self._prefill([request], len(token_ids))
-        out = [logits[0]]
+        out = [logits[0].clone()]  # copies: a CUDA graph's next replay reuses its output memory
         for i, token in enumerate(token_ids):
-            out.append(self._step(torch.tensor([token], device=self.device), width + i, pads)[0])
+            out.append(self._step(torch.tensor([token], device=self.device), width + i, pads)[0].clone())
         return torch.stack(out)
 
     def _tokens(self, requests, settings, seeds, stats, capacity, explain) -> Iterator[list[int | None]]:

@@ -230,9 +230,6 @@ class Magma:
             )
         return segments
 
-    def _capacity(self) -> int:
-        return self.config.model.image_tokens + self.config.sequence_length
-
     # -- generation ---------------------------------------------------------------------------
 
     def generate(
@@ -263,7 +260,7 @@ class Magma:
         requests = [self.request(p, im, settings.max_out_tokens) for p, im in zip(prompts, images)]
         stats = GenerationStats()
         explanations: list | None = [] if explain else None
-        rows = self.engine.generate(requests, settings, seeds, stats=stats, capacity=self._capacity(),
+        rows = self.engine.generate(requests, settings, seeds, stats=stats, capacity=self.config.cache_length,
                                     explain=explanations)
         return [
             Generation(self.tokenizer.decode(row.token_ids), row.token_ids, row.finish_reason, stats,
@@ -291,7 +288,7 @@ class Magma:
         stats = GenerationStats()
         text = TextStream(self.tokenizer)
         rows: list | None = [] if explain is not None else None
-        tokens = self.engine.tokens([request], settings, [settings.seed], stats, self._capacity(), explain=rows)
+        tokens = self.engine.tokens([request], settings, [settings.seed], stats, self.config.cache_length, explain=rows)
         for (token,) in tokens:
             if rows:
                 explain[:] = rows[0]

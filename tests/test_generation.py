@@ -156,7 +156,7 @@ def test_a_larger_request_after_a_small_one_reuses_or_grows_the_cache(tiny_magma
     engine: Engine = tiny_magma.engine
     tiny_magma.generate("a", temperature=0, max_out_tokens=2)
     _, length = engine.model.lm.cache_size
-    assert length == tiny_magma.config.model.image_tokens + tiny_magma.config.sequence_length
+    assert length == tiny_magma.config.cache_length
     tiny_magma.generate([picture(1), "a", picture(2), "b", picture(3)], temperature=0, max_out_tokens=2)
     assert engine.model.lm.cache_size[1] == length  # fits: reused
     many = [picture(i) for i in range(14)] + ["a"]
