@@ -60,11 +60,9 @@ def memory_bandwidth(device: torch.device) -> float:
 
 def lm_weight_bytes(model) -> int:
     """Bytes of language-model weights read per decoded token (all of them but the embedding)."""
-    total = 0
-    for name, t in list(model.lm.named_parameters()) + list(model.lm.named_buffers()):
-        if "wte" not in name:
-            total += t.numel() * t.element_size()
-    # packed weights (oneDNN, fbgemm) are not parameters
+    # the state dict holds parameters and persistent buffers (int8 weights), not the key/value cache
+    total = sum(t.numel() * t.element_size() for name, t in model.lm.state_dict().items() if "wte" not in name)
+    # packed weights (oneDNN, fbgemm) are in no state dict
     return total + sum(m.weight_bytes for m in model.lm.modules() if isinstance(m, PackedLinear))
 
 

@@ -32,6 +32,13 @@ def test_quick_benchmark_emits_every_field(extra, more):
     assert FIELDS | more <= set(row), sorted(FIELDS | more - set(row))
     assert all(row[k] > 0 for k in FIELDS)
     assert row["new_tokens"] == 8
+    if not more:  # float32, oneDNN: every weight but the embedding, and the zero q/k/v part of the fused bias
+        from magma_ipu.config import load_config
+        from magma_ipu.session import lm_parameters
+
+        m = load_config("demo").model
+        floats = lm_parameters(m) - m.vocab_size * m.d_model + 3 * m.d_model * m.n_layer
+        assert row["onednn"] and row["weight_bytes_per_token"] == 4 * floats
     if more:
         assert 0 <= row["greedy_tokens_agreeing_with_float32"] <= 8
         assert 0 <= row["max_logit_error"] < 0.1 * row["logit_scale"]
