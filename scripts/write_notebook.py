@@ -63,8 +63,8 @@ A GPU smaller than the model: `max_device_memory="6GiB"` keeps what does not fit
 it block by block (works here). Several GPUs: tensor parallelism needs one process per GPU, which one
 notebook kernel cannot be, so it runs from the command line:
 `torchrun --nproc-per-node 4 run_inference.py --config magma_v1_500 --device cuda --tensor_parallel 4`.
-On a CPU, `quantize="int8"` is about 2.5x faster per token than float32 (`compile=True` adds more, after a
-compile of about 25 s)."""),
+On a CPU, `quantize="int8"` is about 2.2x faster per token than float32 (`compile=True` adds about 10 %,
+after 20-25 s of compiling per prompt bucket and cache length)."""),
 ]
 
 
