@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from magma_ipu.config import load_config
 from magma_ipu.generation import Engine, GenerationStats
-from magma_ipu.packed import PackedLinear, pack_for_onednn
+from magma_ipu.packed import PackedLinear
 from magma_ipu.sampling import SamplingSettings
-from magma_ipu.session import build_model, packs_for_onednn
+from magma_ipu.session import build_model, convert_linears, packs_for_onednn
 
 
 def sync(device: torch.device) -> None:
@@ -269,12 +269,7 @@ def main() -> None:
     if "sweep" not in skip:
         sweep = weight_sweep(model, args.batch_size, device)
 
-    if args.quantize == "int8":
-        from magma_ipu.quantize import quantize_int8
-
-        quantize_int8(model)
-    elif packs_for_onednn(cfg):
-        pack_for_onednn(model)
+    convert_linears(model, cfg)
     engine = Engine(model, eos_id=-1, compile=cfg.compile)
     stats, results = measure(engine, requests, settings, seeds, cfg)
     decode_per_token = per_token(stats)

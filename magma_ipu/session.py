@@ -99,14 +99,7 @@ def build_model(config: MagmaConfig, checkpoint: str | Path | None, progress: bo
             device = "cpu"  # PhasedBlocks below decides what goes to the device
         load_checkpoint(model, checkpoint, dtype, device, progress=progress and rank == 0, rank=rank, world=world)
     model.eval()
-    if config.quantize == "int8":
-        from .quantize import quantize_int8
-
-        quantize_int8(model)
-    elif packs_for_onednn(config):
-        from .packed import pack_for_onednn
-
-        pack_for_onednn(model)
+    convert_linears(model, config)
     if config.tensor_parallel > 1:
         from .parallel import join_shards
 
@@ -115,6 +108,20 @@ def build_model(config: MagmaConfig, checkpoint: str | Path | None, progress: bo
         from .phased import PhasedBlocks, parse_bytes
 
         model.phased = PhasedBlocks(model, parse_bytes(config.max_device_memory), config.device)
+    return model
+
+
+def convert_linears(model: MagmaModel, config: MagmaConfig) -> MagmaModel:
+    """The language model's float linear layers as `config` runs them: int8, packed for oneDNN, or
+    left as they are."""
+    if config.quantize == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(model)
+    elif packs_for_onednn(config):
+        from .packed import pack_for_onednn
+
+        pack_for_onednn(model)
     return model
 
 
