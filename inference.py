@@ -20,16 +20,18 @@ import json
 import os
 import resource
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from magma_ipu.build import build_model, convert_linears, packs_for_onednn
 from magma_ipu.config import load_config
 from magma_ipu.generation import Engine, GenerationStats
 from magma_ipu.packed import PackedLinear
 from magma_ipu.sampling import SamplingSettings
-from magma_ipu.session import build_model, convert_linears, packs_for_onednn
+from magma_ipu.session import decide_auto
 
 
 def sync(device: torch.device) -> None:
@@ -209,7 +211,7 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--prompt_tokens", type=int, default=20)
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--quantize", default="none", choices=["none", "int8"])
+    parser.add_argument("--quantize", default=None, choices=["none", "int8", "auto"])
     parser.add_argument("--device", default=None)
     parser.add_argument("--compile", default="false", choices=["true", "false"])
     parser.add_argument("--onednn", default="true", choices=["true", "false"],
@@ -226,9 +228,11 @@ def main() -> None:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.tensor_parallel)
     torch.set_num_threads(threads)
     skip = set(filter(None, args.skip.split(",")))
-    overrides = {k: v for k, v in (("dtype", args.dtype), ("device", args.device)) if v is not None}
-    cfg = load_config(args.config, compile=args.compile, quantize=args.quantize, onednn=args.onednn,
-                      tensor_parallel=args.tensor_parallel, **overrides)
+    overrides = {k: v for k, v in (("dtype", args.dtype), ("device", args.device), ("quantize", args.quantize))
+                 if v is not None}
+    cfg = load_config(args.config, compile=args.compile, onednn=args.onednn, tensor_parallel=args.tensor_parallel,
+                      **overrides)
+    cfg = decide_auto(cfg, on_choice=lambda note: print(f"magma: {note}", file=sys.stderr))
     vocab = cfg.model.vocab_size
     gen = torch.Generator().manual_seed(0)
     image = torch.randn(1, 3, cfg.model.image_resolution, cfg.model.image_resolution, generator=gen)
@@ -236,7 +240,7 @@ def main() -> None:
                 for _ in range(args.batch_size)]
     settings = SamplingSettings(temperature=0, max_out_tokens=args.new_tokens)
     seeds = [0] * args.batch_size
-    row: dict = {"config": cfg.name, "device": cfg.device, "dtype": cfg.dtype, "quantize": args.quantize,
+    row: dict = {"config": cfg.name, "device": cfg.device, "dtype": cfg.dtype, "quantize": cfg.quantize,
                  "batch_size": args.batch_size, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
                  "threads": threads, "compile": cfg.compile, "onednn": packs_for_onednn(cfg)}
     if args.tensor_parallel > 1:
@@ -248,7 +252,7 @@ def main() -> None:
     model = build_model(cfg.replace(quantize="none", compile=False, onednn=False), args.checkpoint)
     base_engine = Engine(model, eos_id=-1)
 
-    check_accuracy = args.quantize != "none" or cfg.dtype != "float32"
+    check_accuracy = cfg.quantize != "none" or cfg.dtype != "float32"
     if check_accuracy:  # the float32 model with the same seed (or checkpoint) gives the same weights
         plain = cfg.replace(dtype="float32", quantize="none", compile=False, onednn=False)
         f32 = Engine(build_model(plain, args.checkpoint), -1)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch.distributed
 
 from magma_ipu import Magma, MagmaError
+from magma_ipu.session import decide_auto
 from magma_ipu.images import load_image
 from magma_ipu.config import MODEL_FIELDS, TOP_FIELDS, MagmaConfig, ModelConfig, _suggest, load_config
 
@@ -55,8 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     for name in MODEL_FIELDS + TOP_FIELDS:
         if name == "name":
             continue
-        fields.add_argument(f"--{name}", default=None, metavar=type(defaults[name]).__name__.upper())
+        fields.add_argument(f"--{name}", default=None, metavar=_metavar(name, defaults[name]))
     return parser
+
+
+_METAVARS = {"checkpoint": "PATH|URL|hub", "checkpoint_sha256": "HEX", "tokenizer": "PATH|gpt2",
+             "max_device_memory": "BYTES", "image_layers": "N,N,N,N", "device": "cpu|cuda[:N]|auto",
+             "dtype": "float32|bfloat16|float16|auto", "quantize": "none|int8|auto"}
+
+
+def _metavar(name: str, default) -> str:
+    if name in _METAVARS:
+        return _METAVARS[name]
+    return {bool: "true|false", int: "INT", float: "FLOAT"}.get(type(default), "TEXT")
 
 
 def explain_json(magma: Magma, result) -> list[dict]:
@@ -91,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     parts = getattr(args, "parts", None) or [("image", str(DEMO_IMAGE)), ("prompt", "A picture of")]
     try:
         config = load_config(args.config, **overrides)
+        config = decide_auto(config, on_choice=lambda note: print(f"magma: {note}", file=sys.stderr))
         # read the images before the (slow) model load, so bad input fails at once
         limits = dict(timeout=config.image_timeout, max_bytes=config.max_image_bytes,
                       max_pixels=config.max_image_pixels)
         prompt = [load_image(v, **limits) if kind == "image" else v for kind, v in parts]
         start = time.perf_counter()
-        magma = Magma.load(config, progress=sys.stderr.isatty() and not args.json)
+        magma = Magma.load(config, progress=sys.stderr.isatty())  # JSON goes to stdout: stderr may show progress
         load_time = time.perf_counter() - start
         if args.stream and not args.json and config.tensor_parallel == 1:
             for piece in magma.stream(prompt):

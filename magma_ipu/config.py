@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,23 @@ from .sampling import SamplingSettings
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")
+AUTO = "auto"  # device, dtype and quantize: decided at load time from the machine (resources.py)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a config dtype name."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def parse_bytes(text: str) -> int:
+    """'6GiB', '500MB', '1e9' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"max_device_memory must look like '6GiB', '500MB' or a number of bytes, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 @dataclass(frozen=True)
@@ -65,9 +83,10 @@ class MagmaConfig:
     checkpoint_sha256: str | None = None  # verified after a download
     convert_checkpoint: bool = True  # first load of a .pt writes a memory-mappable safetensors copy
     tokenizer: str = "gpt2"  # tokenizer.json, a folder holding one, or a hub name
-    dtype: str = "float32"
-    device: str = "cpu"
-    quantize: str = "none"  # "int8": weight-only int8 linear layers
+    dtype: str = "float32"  # or "auto": float16 on CUDA, float32 on a CPU
+    device: str = "cpu"  # "cpu", "cuda[:N]", or "auto": CUDA if there is one
+    quantize: str = "none"  # "int8": int8 linear layers; "auto": int8 on a CPU when it fits
+    memory_check: bool = True  # refuse at once a model the machine's free memory cannot hold
     compile: bool = False  # torch.compile the decode step (CUDA graphs on CUDA) and the prefill
     onednn: bool = True  # CPU float32: run the language model's linear layers through oneDNN (faster)
     tensor_parallel: int = 1  # processes (GPUs) the language model is split over; launch with torchrun
@@ -213,18 +232,19 @@ def _validate(cfg: MagmaConfig) -> None:
     if m.image_width % 2:
         raise ConfigError(f"image_width must be even, got {m.image_width}")
     if cfg.max_device_memory is not None:
-        from .phased import parse_bytes
-
         try:
             parse_bytes(cfg.max_device_memory)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    if cfg.dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    if cfg.quantize not in QUANTIZATIONS:
-        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {cfg.quantize!r}")
-    if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
-        raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {cfg.device!r}")
+    if cfg.dtype not in DTYPES + (AUTO,):
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES + (AUTO,))}, got {cfg.dtype!r}")
+    if cfg.quantize not in QUANTIZATIONS + (AUTO,):
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZATIONS + (AUTO,))}, got {cfg.quantize!r}")
+    if not (cfg.device in ("cpu", AUTO) or cfg.device.startswith("cuda")):
+        raise ConfigError(f"device must be 'cpu', 'cuda[:N]' or 'auto', got {cfg.device!r}")
+    if cfg.device == "cpu" and cfg.quantize == "int8" and cfg.dtype not in ("float32", AUTO):
+        raise ConfigError(f"int8 on the CPU runs with float32 activations: use dtype float32 (or auto), "
+                          f"not {cfg.dtype}")
     # the sampling defaults obey the same ranges as the settings of a call
     try:
         SamplingSettings(cfg.seed, cfg.top_p, cfg.top_k, cfg.temperature, cfg.max_out_tokens).validate()

@@ -31,3 +31,12 @@ class PromptError(MagmaError, ValueError):
 
 class SamplingError(MagmaError, ValueError):
     """A sampling setting (seed, top_p, top_k, temperature, max_out_tokens) out of range."""
+
+
+class ResourceError(MagmaError):
+    """The machine lacks the memory or disk a config needs; says what would fit."""
+
+
+class NumericalError(MagmaError, RuntimeError):
+    """NaN or infinite logits: weights that are broken or belong to another model. A RuntimeError
+    too, which is what sampling from NaN logits raised before this check existed."""

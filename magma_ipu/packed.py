@@ -46,10 +46,10 @@ def _(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
 class PackedLinear(nn.Module):
     """A linear layer whose weight lives in a kernel library's layout (not in the state dict)."""
 
-    def __init__(self, packed: PackedWeight, linear: nn.Linear, weight_bytes: int):
+    def __init__(self, packed: PackedWeight, shape: torch.Size, weight_bytes: int):
         super().__init__()
         self.packed = packed
-        self.out_features, self.in_features = linear.weight.shape  # a tensor-parallel shard's, not the layer's
+        self.out_features, self.in_features = shape  # the weight's: a tensor-parallel shard's, not the layer's
         self.weight_bytes = weight_bytes  # read per call: what a benchmark counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,12 +74,13 @@ class OneDNNWeight(PackedWeight):
         return OneDNNWeight(self.weight.to_dense(), self.bias)
 
 
-def replace_linears(module: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
+def replace_linears(module: nn.Module, make: Callable[[str, nn.Linear], nn.Module], prefix: str = "") -> None:
+    """Replace every nn.Linear below `module` by make(its qualified name, it)."""
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, make(child))
+            setattr(module, name, make(prefix + name, child))
         else:
-            replace_linears(child, make)
+            replace_linears(child, make, prefix + name + ".")
 
 
 def fuse_blocks(model: nn.Module) -> None:
@@ -110,9 +111,9 @@ def pack_for_onednn(model: nn.Module) -> nn.Module:
     check_float_linears(model)
     fuse_blocks(model)
 
-    def pack(linear: nn.Linear) -> PackedLinear:
+    def pack(name: str, linear: nn.Linear) -> PackedLinear:
         size = sum(p.numel() * p.element_size() for p in linear.parameters())
-        return PackedLinear(OneDNNWeight(linear.weight, linear.bias), linear, size)
+        return PackedLinear(OneDNNWeight(linear.weight, linear.bias), linear.weight.shape, size)
 
     replace_linears(model.lm, pack)
     return model

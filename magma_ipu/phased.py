@@ -11,23 +11,10 @@ many positions share each pass (long prompts, batches), not for one token at a t
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from .model import MagmaModel
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_bytes(text: str) -> int:
-    """'6GiB', '500MB', '1e9' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"max_device_memory must look like '6GiB', '500MB' or a number of bytes, got {text!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
 
 def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers (int8 weights are buffers); not the key/value caches."""

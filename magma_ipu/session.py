@@ -10,16 +10,16 @@ Sampling settings are per call; nothing is rebuilt or reloaded between calls.
 
 from __future__ import annotations
 
-import time
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
-import torch.distributed
 from PIL import Image
 
+from .build import build_model
 from .config import MagmaConfig, load_config
 from .download import resolve_checkpoint
 from .errors import ConfigError, PromptError
@@ -27,15 +27,12 @@ from .explain import TokenExplanation
 from .generation import Engine, GenerationStats
 from .images import ImageInput, load_image, preprocess
 from .model import MagmaModel
+from .resources import resolve_auto
 from .sampling import SamplingSettings
 from .text import TextStream, Tokenizer
-from .weights import converted_checkpoint, load_checkpoint
 
 ImageLike = Union[Image.Image, np.ndarray]
 Prompt = Union[str, Sequence[Union[str, ImageLike]]]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class Generation:
@@ -58,107 +55,29 @@ class Generation:
         }
 
 
-def build_model(config: MagmaConfig, checkpoint: str | Path | None, progress: bool = False) -> MagmaModel:
-    """The model of `config`, with weights from `checkpoint`, or random ones (seeded) if None.
-    With `tensor_parallel` > 1 (under torchrun), this process's shard of it."""
-    dtype = DTYPES[config.dtype]
-    if checkpoint is None:
-        if config.tensor_parallel > 1:
-            raise ConfigError("tensor_parallel > 1 needs a checkpoint (each process reads its own slices of it)")
-        torch.manual_seed(config.seed)
-        # built where it runs (a full-size model never passes through host memory), unless phased
-        with torch.device("cpu" if config.max_device_memory else config.device):
-            model = MagmaModel(config.model)
-        init_random(model)
-        model = model.to(dtype=dtype)
-    else:
-        rank, world, device = 0, 1, config.device
-        if config.tensor_parallel > 1:
-            from .parallel import init_from_env
-
-            rank, world, device = init_from_env(config.device)
-            if world != config.tensor_parallel:
-                raise ConfigError(f"tensor_parallel is {config.tensor_parallel} but {world} processes were launched "
-                                  f"(torchrun --nproc-per-node {config.tensor_parallel})")
-        # a big model is built on `meta` (no memory until the weights arrive); a small one directly,
-        # which saves the seconds torch takes to set up meta tensors the first time
-        with torch.device("meta" if lm_parameters(config.model) > 50_000_000 else "cpu"):
-            model = MagmaModel(config.model)
-        checkpoint = Path(checkpoint)
-        if config.convert_checkpoint and checkpoint.suffix != ".safetensors":
-            if rank == 0:  # one process converts; the others wait, then map the same file
-                converted_checkpoint(model, checkpoint, dtype, progress=progress)
-            if world > 1:
-                torch.distributed.barrier()
-            checkpoint = converted_checkpoint(model, checkpoint, dtype)
-        if world > 1:
-            from .parallel import shard_model
-
-            shard_model(model, rank, world)
-        if config.max_device_memory is not None:
-            device = "cpu"  # PhasedBlocks below decides what goes to the device
-        load_checkpoint(model, checkpoint, dtype, device, progress=progress and rank == 0, rank=rank, world=world)
-    model.eval()
-    convert_linears(model, config)
-    if config.tensor_parallel > 1:
-        from .parallel import join_shards
-
-        join_shards(model, config.tensor_parallel)
-    if config.max_device_memory is not None:
-        from .phased import PhasedBlocks, parse_bytes
-
-        model.phased = PhasedBlocks(model, parse_bytes(config.max_device_memory), config.device)
-    return model
+def check_tokenizer(tokenizer: Tokenizer, config: MagmaConfig) -> None:
+    if len(tokenizer) != config.model.vocab_size:
+        raise ConfigError(f"tokenizer {config.tokenizer!r} has {len(tokenizer)} tokens but the model's vocab_size is "
+                          f"{config.model.vocab_size}: they do not belong together")
 
 
-def convert_linears(model: MagmaModel, config: MagmaConfig) -> MagmaModel:
-    """The language model's float linear layers as `config` runs them: int8, packed for oneDNN, or
-    left as they are."""
-    if config.quantize == "int8":
-        from .quantize import quantize_int8
-
-        quantize_int8(model)
-    elif packs_for_onednn(config):
-        from .packed import pack_for_onednn
-
-        pack_for_onednn(model)
-    return model
-
-
-def packs_for_onednn(config: MagmaConfig) -> bool:
-    """Whether build_model repacks the float32 linear layers for oneDNN (CPU; not when phased
-    execution moves the blocks' weights, which packed layers hide)."""
-    from .packed import onednn_available
-
-    return (config.onednn and config.device == "cpu" and config.dtype == "float32" and config.quantize == "none"
-            and config.max_device_memory is None and onednn_available())
-
-
-def lm_parameters(cfg) -> int:
-    """The language model's parameter count, from the config alone."""
-    d, hidden = cfg.d_model, cfg.d_model // cfg.adapter_downsample
-    block = 4 * d * d + 2 * d * cfg.d_ff + cfg.d_ff + d + 2 * d * hidden + hidden + d + 2 * d
-    return cfg.n_layer * block + cfg.vocab_size * d + cfg.lm_head_size * (d + 1) + 2 * d
-
-
-@torch.no_grad()
-def init_random(model: MagmaModel) -> None:
-    """GPT-style random weights (std 0.02) so random-weight models give sane logits."""
-    for name, p in model.named_parameters():
-        if name.startswith("lm.") and p.dim() == 2:
-            p.normal_(0.0, 0.02)
-        elif name.startswith("lm.") and name.endswith("bias"):
-            p.zero_()
+def decide_auto(config: MagmaConfig, on_choice: Callable[[str], None] | None = None) -> MagmaConfig:
+    """`config` with its "auto" fields decided; the choice goes to `on_choice`, or to the
+    `magma_ipu` logger."""
+    if "auto" not in (config.device, config.dtype, config.quantize):
+        return config
+    with torch.device("meta"):
+        shape_only = MagmaModel(config.model)
+    config, note = resolve_auto(config, shape_only)
+    (on_choice or logging.getLogger("magma_ipu").info)(note)
+    return config
 
 
 class Magma:
     """A loaded MAGMA model with its tokenizer and config."""
 
     def __init__(self, config: MagmaConfig, model: MagmaModel, tokenizer: Tokenizer):
-        if len(tokenizer) != config.model.vocab_size:
-            raise ConfigError(
-                f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {config.model.vocab_size}"
-            )
+        check_tokenizer(tokenizer, config)
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -174,11 +93,15 @@ class Magma:
         random_weights: bool = False,
         **overrides: Any,
     ) -> "Magma":
-        """From a preset name, a YAML path or a MagmaConfig; fields can be overridden by keyword."""
+        """From a preset name, a YAML path or a MagmaConfig; fields can be overridden by keyword.
+        "auto" device, dtype and quantize are decided here (resources.resolve_auto); what was
+        chosen is logged by the `magma_ipu` logger."""
         cfg = config.replace(**overrides) if isinstance(config, MagmaConfig) else load_config(config, **overrides)
         if checkpoint_path is not None:
             cfg = cfg.replace(checkpoint=str(checkpoint_path))
         tokenizer = Tokenizer.load(cfg.tokenizer)
+        check_tokenizer(tokenizer, cfg)  # before any weight is read
+        cfg = decide_auto(cfg)
         if random_weights:
             checkpoint = None
         elif cfg.checkpoint is None:

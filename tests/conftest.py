@@ -5,7 +5,8 @@ import torch
 
 from magma_ipu.config import MagmaConfig, ModelConfig
 from magma_ipu.scenes import random_scene
-from magma_ipu.session import Magma, build_model
+from magma_ipu.build import build_model
+from magma_ipu.session import Magma
 from magma_ipu.text import train_byte_level_bpe
 
 torch.set_num_threads(2)

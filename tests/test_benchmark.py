@@ -34,7 +34,7 @@ def test_quick_benchmark_emits_every_field(extra, more):
     assert row["new_tokens"] == 8
     if not more:  # float32, oneDNN: every weight but the embedding, and the zero q/k/v part of the fused bias
         from magma_ipu.config import load_config
-        from magma_ipu.session import lm_parameters
+        from magma_ipu.build import lm_parameters
 
         m = load_config("demo").model
         floats = lm_parameters(m) - m.vocab_size * m.d_model + 3 * m.d_model * m.n_layer

@@ -133,7 +133,7 @@ def test_image_tokens_are_row_major_grid_cells():
 
 
 def test_parameter_count_from_the_config_alone():
-    from magma_ipu.session import lm_parameters
+    from magma_ipu.build import lm_parameters
 
     for cfg in (ModelConfig(), ModelConfig(n_layer=2, d_model=64, n_head=4, rotary_dim=8, d_ff=96, vocab_size=300,
                                            lm_head_size=320)):

@@ -9,7 +9,8 @@ from magma_ipu.generation import Engine
 from magma_ipu.packed import PackedLinear, pack_for_onednn
 from magma_ipu.quantize import quantize_int8
 from magma_ipu.sampling import SamplingSettings
-from magma_ipu.session import Magma, build_model, packs_for_onednn
+from magma_ipu.build import build_model, packs_for_onednn
+from magma_ipu.session import Magma
 
 IMAGE = "demo_example_images/scene_1.png"
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from magma_ipu import ConfigError
-from magma_ipu.phased import PhasedBlocks, _nbytes, parse_bytes
+from magma_ipu.config import parse_bytes
+from magma_ipu.phased import PhasedBlocks, _nbytes
 from magma_ipu.session import Magma
 
 

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from magma_ipu.quantize import Int8WeightOnlyLinear, quantize_int8
+from magma_ipu.quantize import int8_linear, quantize_int8, quantize_rows
 from magma_ipu.session import Magma
 
 
@@ -14,7 +14,7 @@ def test_weight_only_linear_is_per_channel_and_close():
     linear = torch.nn.Linear(64, 32)
     with torch.no_grad():
         linear.weight[3] *= 100  # one loud channel must not cost the others their precision
-    q = Int8WeightOnlyLinear(linear)
+    q = int8_linear(*quantize_rows(linear.weight.detach()), linear.bias, "weight_only", torch.float32)
     assert q.weight.dtype == torch.int8 and q.scale.shape == (32,)
     x = torch.randn(5, 64)
     err = (q(x) - linear(x)).abs()
@@ -60,14 +60,23 @@ def test_fused_input_projections_change_nothing(tiny_magma):
         assert a.token_ids == b.token_ids
 
 
-def test_dynamic_int8_linear_error_is_bounded_on_a_known_matrix():
-    from magma_ipu.quantize import dynamic_int8_linear
+def test_quantize_rows_on_a_known_matrix():
+    w = torch.tensor([[63.5, -127.0, 0.5, 1.5], [127.0, 1.0, -3.0, 2.5], [-254.0, 1.0, 3.0, -5.0], [0.0] * 4])
+    q, scale = quantize_rows(w)
+    # each row's largest magnitude maps to +-127 (scales exact here); the rest round to nearest,
+    # ties to even; an all-zero row gets a tiny scale, not a division by zero
+    assert torch.equal(scale[:3], torch.tensor([1.0, 1.0, 2.0])) and 0 < scale[3] < 1e-12
+    expected = [[64, -127, 0, 2], [127, 1, -3, 2], [-127, 0, 2, -2], [0, 0, 0, 0]]
+    assert torch.equal(q, torch.tensor(expected, dtype=torch.int8))
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32
 
+
+def test_dynamic_int8_linear_error_is_bounded_on_a_known_matrix():
     linear = torch.nn.Linear(4, 3)
     with torch.no_grad():
         linear.weight.copy_(torch.tensor([[1.0, -0.5, 0.25, 0.0], [127.0, 1.0, -3.0, 2.0], [0.01, 0.02, -0.03, 0.04]]))
         linear.bias.copy_(torch.tensor([0.5, -1.0, 0.0]))
-    q = dynamic_int8_linear(linear)
+    q = int8_linear(*quantize_rows(linear.weight.detach()), linear.bias, "dynamic", torch.float32)
     x = torch.tensor([[1.0, 2.0, -1.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
     # weight error <= scale/2 per entry (scale = row max / 127); activations: 7 bits over their range
     w_step = linear.weight.abs().amax(1) / 127

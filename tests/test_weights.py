@@ -105,7 +105,7 @@ def test_garbage_and_missing_files_give_clear_errors(tiny_magma, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
     with torch.device("meta"):
         fresh = MagmaModel(tiny_magma.config.model)
-    for name, pattern in (("junk.pt", "could not be read safely"), ("junk.safetensors", "not a safetensors file"),
+    for name, pattern in (("junk.pt", "could not be read safely"), ("junk.safetensors", "not a valid safetensors file"),
                           ("absent.pt", "does not exist")):
         with pytest.raises(CheckpointError, match=pattern):
             load_checkpoint(fresh, tmp_path / name, torch.float32, "cpu")
