@@ -32,6 +32,7 @@ from .weights import (
     load_checkpoint,
     load_into,
     mmap_safetensors,
+    progress_bar,
     quantized_tensors,
     read_state_dict,
 )
@@ -133,11 +134,8 @@ def _load_int8(model: MagmaModel, config: MagmaConfig, checkpoint: Path, dtype: 
         tensors = dict(quantized_tensors(model, state, dtype))
     expected = dict(quantized_tensors(model, _meta_like(model), dtype))
     check_keys({k: t.shape for k, t in expected.items()}, tensors, source, {k: t.dtype for k, t in expected.items()})
-    if progress:
-        import sys
-
-        print(f"packing {len(model.lm.transformer.h)} blocks of int8 weights", file=sys.stderr, flush=True)
-    load_int8(model, tensors, method, dtype, config.device, release=_release_pages)
+    load_int8(model, tensors, method, dtype, config.device, release=_release_pages,
+              progress=lambda layers, total: progress_bar(layers, progress, "loading int8 layers", "layer", total))
     int8_layers = tuple(name + "." for name, m in model.named_modules() if isinstance(m, INT8_LAYERS))
     rest = [k for k in model.state_dict() if not k.startswith(int8_layers)]
     load_into(model, tensors, dtype, config.device, source, keys=rest)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -130,11 +130,13 @@ def quantize_int8(model: nn.Module, method: str | None = None) -> nn.Module:
 
 
 def load_int8(model: nn.Module, tensors: dict[str, torch.Tensor], method: str, dtype: torch.dtype,
-              device: torch.device | str, release: Callable[[torch.Tensor], None] = lambda t: None) -> None:
+              device: torch.device | str, release: Callable[[torch.Tensor], None] = lambda t: None,
+              progress: Callable[[Iterable, int], Iterable] = lambda layers, total: layers) -> None:
     """Give `model` (a float model on `meta`) the int8 linear layers held in `tensors` (as
     weights.quantized_tensors names them: `weight`, `scale`, `bias`), popping what it uses.
     fbgemm packing is single-threaded, so the layers are packed by a pool of this process's
-    threads; `release` is called on each int8 weight once it has been packed."""
+    threads; `release` is called on each int8 weight once it has been packed, and `progress` wraps
+    the stream of finished layers (with their count)."""
     fuse_blocks(model)
     linears = [name for name, m in model.lm.named_modules() if isinstance(m, nn.Linear)]
 
@@ -148,5 +150,5 @@ def load_int8(model: nn.Module, tensors: dict[str, torch.Tensor], method: str, d
 
     workers = max(1, min(torch.get_num_threads(), os.cpu_count() or 1)) if method == "dynamic" else 1
     with ThreadPoolExecutor(workers) as pool:
-        layers = dict(zip(linears, pool.map(make, linears)))
+        layers = dict(zip(linears, progress(pool.map(make, linears), len(linears))))
     replace_linears(model.lm, lambda name, linear: layers[name])

@@ -210,7 +210,7 @@ def load_into(
     expected = {k: full_shape(k, local[k].shape, world) for k in wanted}
     check_keys(expected, state, source)
     converted: dict[str, torch.Tensor] = {}
-    for key in _progress(list(expected), progress, "loading weights", "tensor"):
+    for key in progress_bar(list(expected), progress, "loading weights", "tensor"):
         if key not in state:  # an optional step counter
             converted[key] = torch.zeros((), dtype=torch.long, device=device)
             continue
@@ -334,7 +334,7 @@ def convert_to_safetensors(
     specs = {k: (dtype if state[k].is_floating_point() else state[k].dtype, tuple(state[k].shape)) for k in keys}
 
     def tensors():
-        for key in _progress(keys, progress, f"converting {src.name}", "tensor"):
+        for key in progress_bar(keys, progress, f"converting {src.name}", "tensor"):
             t = state.pop(key)
             yield key, t.to(specs[key][0])
             _release_pages(t)
@@ -395,11 +395,12 @@ def quantize_to_safetensors(
     blocks = len(model.lm.transformer.h)
     tensors = quantized_tensors(model, state, dtype)
     if progress:
-        tensors = _progress(tensors, True, f"quantizing {src.name} to int8", "tensor", total=len(specs))
+        tensors = progress_bar(tensors, True, f"quantizing {src.name} to int8", "tensor", total=len(specs))
     return write_safetensors(dst, specs, tensors, {**_cache_metadata(src, dtype, "int8"), "blocks": str(blocks)})
 
 
-def _progress(items, enabled: bool, desc: str, unit: str, total: int | None = None):
+def progress_bar(items, enabled: bool, desc: str, unit: str, total: int | None = None):
+    """`items`, with a progress bar on stderr when `enabled`."""
     if not enabled:
         return items
     from tqdm.auto import tqdm

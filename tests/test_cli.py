@@ -99,3 +99,43 @@ def test_explain_adds_candidates_and_attention(model_dir, tiny_magma):
         assert sum(c["kept"] for c in step["candidates"]) <= 5
         (image_map,) = step["image_attention"]
         assert len(image_map) == grid and all(len(r) == grid for r in image_map)
+
+
+def test_auto_choice_is_said_on_stderr_and_progress_shows_on_a_terminal(model_dir, tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    primary, secondary = pty.openpty()  # stderr is a terminal; stdout a pipe, as in `... --json > out.json`
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal has a width
+    env = {**os.environ, "MAGMA_CACHE": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, str(ROOT / "run_inference.py"), "--config", str(model_dir / "tiny.yml"),
+                          "--image", str(model_dir / "img.png"), "--prompt", "A picture of", "--json",
+                          "--device", "auto", "--dtype", "auto", "--quantize", "auto"],
+                         stdout=subprocess.PIPE, stderr=secondary, cwd=ROOT, env=env, timeout=120)
+    os.close(secondary)
+    stderr = b""
+    while True:
+        try:
+            chunk = os.read(primary, 1 << 16)
+        except OSError:  # the terminal closed
+            break
+        if not chunk:
+            break
+        stderr += chunk
+    os.close(primary)
+    stderr = stderr.decode(errors="replace")
+    assert out.returncode == 0, stderr
+    assert json.loads(out.stdout)["token_ids"]  # stdout holds only the JSON object
+    assert "magma: no CUDA device: running on cpu in int8 (--dtype float32 --quantize int8" in stderr
+    assert "quantizing mp_rank_00_model_states.pt to int8" in stderr and "loading int8 layers" in stderr
+
+
+def test_help_names_what_each_flag_takes():
+    out = cli("--help")
+    assert out.returncode == 0 and "NONETYPE" not in out.stdout
+    for flag in ("--checkpoint PATH|URL|hub", "--dtype float32|bfloat16|float16|auto", "--quantize none|int8|auto",
+                 "--max_device_memory BYTES", "--top_p FLOAT", "--compile true|false"):
+        assert flag in out.stdout, flag
