@@ -236,6 +236,8 @@ def _validate(cfg: MagmaConfig) -> None:
             parse_bytes(cfg.max_device_memory)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if cfg.checkpoint_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", cfg.checkpoint_sha256):
+        raise ConfigError(f"checkpoint_sha256 must be 64 hex digits, got {cfg.checkpoint_sha256!r}")
     if cfg.dtype not in DTYPES + (AUTO,):
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES + (AUTO,))}, got {cfg.dtype!r}")
     if cfg.quantize not in QUANTIZATIONS + (AUTO,):

@@ -110,8 +110,8 @@ class CaptionApp:
         self.caption.value = ""
         try:
             image = self.magma.open_image(self.selected_source())
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
+            buffer = io.BytesIO()  # shown as PNG, which cannot hold every mode the image may keep (CMYK, ...)
+            image.convert("RGBA" if "A" in image.getbands() else "RGB").save(buffer, format="PNG")
             self.picture.value = buffer.getvalue()
             settings = dict(seed=self.seed.value, top_p=self.top_p.value, top_k=self.top_k.value,
                             temperature=self.temperature.value, max_out_tokens=self.max_out_tokens.value)

@@ -122,7 +122,8 @@ class Magma:
         return SamplingSettings(**base).validate()
 
     def open_image(self, image: ImageInput) -> Image.Image:
-        """An RGB image from a URL, path, PIL image or array, within the config's size limits."""
+        """An image from a URL, path, PIL image or array, upright and within the config's size limits, in
+        its own mode: preprocessing resizes in that mode and converts to RGB after the crop, as CLIP did."""
         c = self.config
         return load_image(image, timeout=c.image_timeout, max_bytes=c.max_image_bytes, max_pixels=c.max_image_pixels)
 
