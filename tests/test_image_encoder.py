@@ -140,3 +140,19 @@ def test_parameter_count_from_the_config_alone():
         with torch.device("meta"):
             model = MagmaModel(cfg)
         assert lm_parameters(cfg) == sum(p.numel() for p in model.lm.parameters())
+
+
+def test_on_a_cpu_the_image_prefix_of_a_reduced_precision_model_runs_in_float32(tiny_cfg):
+    from magma_ipu.build import build_model
+
+    image = torch.randn(1, 3, tiny_cfg.model.image_resolution, tiny_cfg.model.image_resolution)
+    reference = build_model(tiny_cfg, None)
+    for dtype in ("bfloat16", "float16"):
+        model = build_model(tiny_cfg.replace(dtype=dtype), None)
+        assert model.image_prefix.proj.weight.dtype == torch.float32
+        assert model.lm.transformer.wte.weight.dtype == getattr(torch, dtype)
+        with torch.no_grad():
+            got, want = model.embed_images(image), reference.embed_images(image)
+        assert got.dtype == getattr(torch, dtype)
+        # the prefix's weights were rounded to the dtype once (as loaded), its arithmetic is float32
+        assert (got.float() - want).abs().max() < 0.05 * want.abs().max()

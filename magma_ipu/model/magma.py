@@ -18,8 +18,10 @@ class MagmaModel(nn.Module):
         self.image_prefix = ImagePrefix(cfg)
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        # images: b x 3 x R x R (normalized)  ->  b x (R/32)^2 x D
-        return self.image_prefix(images.to(self.lm.transformer.wte.weight.dtype))
+        # images: b x 3 x R x R (normalized)  ->  b x (R/32)^2 x D, in the language model's dtype.
+        # The prefix may run in a dtype of its own (float32 on a CPU, see build.py).
+        prefix_dtype = self.image_prefix.proj.weight.dtype
+        return self.image_prefix(images.to(prefix_dtype)).to(self.lm.transformer.wte.weight.dtype)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.transformer.wte(ids)
