@@ -4,7 +4,8 @@ and the choice of device, dtype and int8 for configs that leave them to us ("aut
 Figures are for one session (batch 1, one image): the weights as they will be held (int8 layers
 1 byte per weight plus a scale per row; everything else in the run dtype), the key/value cache,
 and a fixed allowance for activations and the libraries. On a CPU the token embedding is read
-from the memory-mapped cache file row by row, so it is not counted there.
+from the memory-mapped cache file row by row, so it is not counted there, and the image prefix is
+held in float32.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ def weight_bytes(model: nn.Module, dtype: torch.dtype, quantize: str, device: st
                 out_features, in_features = module.weight.shape
                 total += out_features * in_features + 4 * out_features  # int8 weight, float32 scale
                 quantized.add(id(module.weight))
-    mapped_embedding = torch.device(device).type == "cpu"
+    cpu = torch.device(device).type == "cpu"
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in quantized or (mapped_embedding and name == "lm.transformer.wte.weight"):
+        if id(tensor) in quantized or (cpu and name == "lm.transformer.wte.weight"):
             continue
-        total += tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
+        float_bytes = 4 if cpu and name.startswith("image_prefix.") else dtype.itemsize  # build.image_prefix_in_float32
+        total += tensor.numel() * (float_bytes if tensor.is_floating_point() else tensor.element_size())
     return total
 
 
