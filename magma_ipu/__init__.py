@@ -18,6 +18,7 @@ from .errors import (
     DownloadError,
     ImageError,
     MagmaError,
+    NumericalError,
     PromptError,
     SamplingError,
 )
@@ -62,6 +63,6 @@ def run_inference(
 
 __all__ = [
     "CheckpointError", "ConfigError", "DownloadError", "Generation", "ImageError", "Magma",
-    "MagmaConfig", "MagmaError", "ModelConfig", "PromptError", "SamplingError", "SamplingSettings",
-    "Tokenizer", "init_inference_session", "load_config", "run_inference",
+    "MagmaConfig", "MagmaError", "ModelConfig", "NumericalError", "PromptError", "SamplingError",
+    "SamplingSettings", "Tokenizer", "init_inference_session", "load_config", "run_inference",
 ]

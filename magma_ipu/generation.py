@@ -15,6 +15,7 @@ from typing import Iterator, Sequence, Union
 
 import torch
 
+from .errors import NumericalError
 from .explain import TokenExplanation
 from .model import MagmaModel
 from .sampling import SamplingSettings, draw
@@ -23,6 +24,12 @@ Segment = Union[torch.Tensor, Sequence[int]]
 Request = Sequence[Segment]
 
 PROMPT_BUCKET = 128  # compiled prefill widths: at most 6 shapes for MAGMA's 644-slot sequence
+
+LIKELY_CAUSES = (
+    "the weights are broken or do not belong to this model: NaN or infinite values in the checkpoint, "
+    "a checkpoint of another model, negative BatchNorm running variances in the image encoder, "
+    "or an overflow of float16 (try dtype float32)"
+)
 
 
 @dataclass
@@ -114,6 +121,29 @@ class Engine:
             logits[..., self.banned_ids] = float("-inf")
         return logits
 
+    def _check_finite(self, logits: torch.Tensor, where: str, embeds: torch.Tensor | None = None) -> None:
+        """Raise NumericalError unless every logit that can be drawn is finite; argmax or sampling
+        would otherwise turn NaN into arbitrary tokens. Banned ids are -inf on purpose, so the finite
+        logits are counted. Called on the steps' outputs, never inside a compiled function."""
+        allowed = logits.shape[-1] - len(set(self.banned_ids))
+        per_row = logits[0].numel() // logits.shape[-1] * allowed
+        if torch.isfinite(logits).sum().item() == len(logits) * per_row:
+            return
+        # drop the cache, which now holds NaN or inf: a later request reads slots it masks out (the
+        # compiled step reads past the filled ones), and a masked value still meets a weight of 0: 0 * NaN = NaN
+        self.model.lm.clear_caches()
+        message = f"the model's logits are NaN or infinite {where}"
+        if len(logits) > 1:
+            rows = (torch.isfinite(logits).flatten(1).sum(1) != per_row).nonzero().flatten().tolist()
+            message += f" (batch rows {rows})"
+        message += f": {LIKELY_CAUSES}."
+        if embeds is not None:
+            message += (" The prompt's embeddings are finite, so the language model's weights are at fault."
+                        if torch.isfinite(embeds).all() else
+                        " The prompt's embeddings are already NaN or infinite: look at the image encoder "
+                        "(BatchNorm statistics) and the word embedding first.")
+        raise NumericalError(message)
+
     def _attended(self, slot: int, step_fn) -> int:
         """How many cache slots a decode step at `slot` reads: exactly the filled ones, or for the
         compiled step the next power of two (a few shapes to compile, at most twice the reads)."""
@@ -199,15 +229,20 @@ class Engine:
         self.key_valid[:, :width] = valid
         slots = torch.arange(width, device=self.device)
         step_fn = self._prefill_step if eager else self.prefill_step
-        return step_fn(embeds, slots, positions, self.key_valid[:, :width]), width, pads
+        logits = step_fn(embeds, slots, positions, self.key_valid[:, :width])
+        self._check_finite(logits, "in the prefill (the prompt, before token 1)", embeds)
+        return logits, width, pads
 
-    def _step(self, token: torch.Tensor, slot: int, pads: torch.Tensor, eager: bool = False) -> torch.Tensor:
-        """Feed `token` (B) at cache slot `slot`: logits B x V for the next one."""
+    def _step(self, token: torch.Tensor, slot: int, pads: torch.Tensor, number: int, eager: bool = False):
+        """Feed `token` (B) at cache slot `slot`: logits B x V for the next one, generated token
+        `number` (counted from 1, for error messages)."""
         self.key_valid[:, slot] = True
         slot_t = torch.tensor([slot], device=self.device)
         position = (slot_t - pads)[:, None]
         step_fn = self._decode_step if eager else self.decode_step
-        return step_fn(token, slot_t, position, self.key_valid[:, : self._attended(slot, step_fn)])
+        logits = step_fn(token, slot_t, position, self.key_valid[:, : self._attended(slot, step_fn)])
+        self._check_finite(logits, f"at token {number} (a decode step)")
+        return logits
 
     @torch.inference_mode()
     def forced_logits(self, request: Request, token_ids: Sequence[int]) -> torch.Tensor:
@@ -217,7 +252,7 @@ class Engine:
         logits, width, pads = self._prefill([request], len(token_ids))
         out = [logits[0].clone()]  # copies: a CUDA graph's next replay reuses its output memory
         for i, token in enumerate(token_ids):
-            out.append(self._step(torch.tensor([token], device=self.device), width + i, pads)[0].clone())
+            out.append(self._step(torch.tensor([token], device=self.device), width + i, pads, i + 2)[0].clone())
         return torch.stack(out)
 
     def _tokens(self, requests, settings, seeds, stats, capacity, explain) -> Iterator[list[int | None]]:
@@ -235,7 +270,7 @@ class Engine:
                 stats.time_to_first_token = time.perf_counter() - start
                 decode_start = time.perf_counter()
             else:
-                logits = self._step(token, width + step - 1, pads, eager=explain is not None)
+                logits = self._step(token, width + step - 1, pads, step + 1, eager=explain is not None)
                 token = draw(logits, settings, generators)
             values = token.tolist()
             out = [None if done else t for done, t in zip(finished, values)]
@@ -275,4 +310,6 @@ class Engine:
         embeds, key_valid, positions, _ = self._left_pad(self.embed(requests))
         slots = torch.arange(key_valid.shape[1], device=self.device)
         self.model.lm.clear_caches()  # the next request builds them again
-        return self._logits(self.model(embeds, slots, positions, key_valid))
+        logits = self._logits(self.model(embeds, slots, positions, key_valid))
+        self._check_finite(logits, "in full_logits (every position, no cache)", embeds)
+        return logits

@@ -25,36 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def write_synthetic(config_name: str, path: Path) -> int:
-    import torch
-
-    from magma_ipu.config import load_config
-    from magma_ipu.model import MagmaModel
-
-    cfg = load_config(config_name).model
-    with torch.device("meta"):
-        shapes = {k: (v.shape, v.dtype) for k, v in MagmaModel(cfg).state_dict().items()}
-    gen = torch.Generator().manual_seed(0)
-    module, total = {}, 0
-    for key, (shape, dtype) in shapes.items():
-        if dtype.is_floating_point:
-            t = torch.empty(shape, dtype=torch.float16)
-            t.normal_(0, 0.02, generator=gen) if t.numel() else None
-        else:
-            t = torch.zeros(shape, dtype=dtype)
-        module[key] = t
-        total += t.numel() * t.element_size()
-    for n in range(cfg.n_layer):  # what the real file carries beside the weights
-        p = f"lm.transformer.h.{n}.attn.attention."
-        module[p + "masked_bias"] = torch.tensor(-1e9)
-        module[p + "scale_attn"] = torch.tensor(float(cfg.head_dim) ** 0.5)
-        for k in [k for k in module if k.startswith(f"lm.transformer.h.{n}.") and "attention." not in k[-12:]]:
-            module[k.replace("lm.transformer.h.", "transformer.", 1)] = module[k]
-    module["word_embedding.weight"] = module["lm.transformer.wte.weight"]
-    torch.save({"module": module, "global_steps": 1}, path)
-    return total
-
-
 def _status_bytes(field: str) -> int:
     """VmRSS (now) or VmHWM (peak) of this process. Unlike getrusage's ru_maxrss, which Linux
     carries over from the parent across fork and exec, these belong to this process alone."""
@@ -70,7 +40,7 @@ def child(step: str, config_name: str, src: str, dtype: str) -> None:
 
     from magma_ipu.config import load_config
     from magma_ipu.model import MagmaModel
-    from magma_ipu.session import DTYPES
+    from magma_ipu.config import torch_dtype
     from magma_ipu.weights import converted_checkpoint, load_checkpoint
 
     cfg = load_config(config_name).model
@@ -78,9 +48,9 @@ def child(step: str, config_name: str, src: str, dtype: str) -> None:
         model = MagmaModel(cfg)
     baseline = _status_bytes("VmRSS")  # interpreter, torch, libraries
     start = time.perf_counter()
-    converted = converted_checkpoint(model, Path(src), DTYPES[dtype])
+    converted = converted_checkpoint(model, Path(src), torch_dtype(dtype))
     if step == "load":
-        load_checkpoint(model, converted, DTYPES[dtype], "cpu")
+        load_checkpoint(model, converted, torch_dtype(dtype), "cpu")
         for t in model.state_dict().values():  # read every weight once, as a forward pass would
             t.sum()
     seconds = time.perf_counter() - start
@@ -108,6 +78,8 @@ def main() -> None:
     if args.reuse and src.is_file():
         weight_bytes = None
     else:
+        from synthetic_checkpoint import write_synthetic  # beside this script
+
         weight_bytes = write_synthetic(args.config, src)
     write_seconds = time.perf_counter() - start
     result = {"config": args.config, "dtype": args.dtype, "checkpoint_bytes": src.stat().st_size,

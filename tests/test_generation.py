@@ -5,9 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from magma_ipu import PromptError
+from magma_ipu import NumericalError, PromptError
+from magma_ipu.build import build_model
 from magma_ipu.generation import Engine, GenerationStats
 from magma_ipu.sampling import SamplingSettings
+from magma_ipu.session import Magma
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -228,3 +230,95 @@ def test_a_bucket_never_outgrows_the_cache(tiny_magma):
     with torch.inference_mode():
         _, width, _ = engine._prefill([request], 8, capacity=longest + 8)
     assert width == longest and engine.model.lm.cache_size[1] >= width + 8
+
+
+# -- weights that give NaN or inf -------------------------------------------------------------
+
+
+@pytest.fixture
+def own_magma(tiny_cfg, tokenizer):
+    """A model of its own to break: tiny_magma is shared by the whole session."""
+    return Magma(tiny_cfg, build_model(tiny_cfg, None), tokenizer)
+
+
+def set_mlp_weight(magma: Magma, value: float = float("nan")) -> float:
+    """Set one weight of a middle block (NaN by default); returns the value it had."""
+    weight = magma.model.lm.transformer.h[1].mlp[0].c_fc.weight
+    saved = weight[0, 0].item()
+    with torch.no_grad():
+        weight[0, 0] = value
+    return saved
+
+
+def run(magma: Magma, call: str, prompt, **kwargs):
+    if call == "generate":
+        return magma.generate(prompt, **kwargs).text
+    return "".join(magma.stream(prompt, **kwargs))
+
+
+@pytest.mark.parametrize("call", ["generate", "stream"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])  # greedy gave "!!!!", sampling a bare RuntimeError
+def test_a_nan_weight_stops_generation_with_its_likely_causes(own_magma, call, temperature):
+    set_mlp_weight(own_magma)
+    with pytest.raises(NumericalError, match=r"NaN or infinite in the prefill") as info:
+        run(own_magma, call, "A picture of", image=picture(1), temperature=temperature, max_out_tokens=4)
+    message = str(info.value)
+    assert "checkpoint of another model" in message and "BatchNorm" in message and "float16" in message
+    assert "language model's weights are at fault" in message  # the image and word embeddings were finite
+
+
+def test_an_overflow_to_inf_is_caught_like_nan(own_magma):
+    set_mlp_weight(own_magma, float("inf"))
+    with pytest.raises(NumericalError, match="prefill"):
+        own_magma.generate("A picture of", temperature=0, max_out_tokens=4)
+
+
+def test_full_and_forced_logits_refuse_nan_too(own_magma):
+    set_mlp_weight(own_magma)
+    request = own_magma.request("A picture of", picture(1), 2)
+    with pytest.raises(NumericalError, match="full_logits"):
+        own_magma.engine.full_logits([request])
+    with pytest.raises(NumericalError, match="prefill"):
+        own_magma.engine.forced_logits(request, [5, 6])
+
+
+def test_nan_first_met_in_a_decode_step_names_the_token(own_magma):
+    kwargs = {"temperature": 0, "max_out_tokens": 4}
+    first = own_magma.generate("A picture of", **kwargs).token_ids[0]
+    assert first not in own_magma.tokenizer.encode("A picture of")  # so the prefill stays finite
+    with torch.no_grad():
+        own_magma.model.lm.transformer.wte.weight[first] = float("nan")
+    with pytest.raises(NumericalError, match=r"NaN or infinite at token 2 \(a decode step\)"):
+        own_magma.generate("A picture of", **kwargs)
+
+
+def test_negative_batchnorm_variances_are_named_and_text_prompts_still_work(own_magma):
+    before = own_magma.generate("A picture of", temperature=0, max_out_tokens=4).token_ids
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # what the old synthetic checkpoint writer drew: about half negative
+        for module in own_magma.model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_var.normal_(0, 0.02, generator=generator)
+    for call, temperature in (("generate", 0.0), ("stream", 1.0)):
+        with pytest.raises(NumericalError, match="prefill") as info:
+            run(own_magma, call, "A picture of", image=picture(2), temperature=temperature, max_out_tokens=4)
+        assert "embeddings are already NaN" in str(info.value) and "BatchNorm" in str(info.value)
+    with pytest.raises(NumericalError, match=r"batch rows \[0\]"):  # the row without an image is fine
+        own_magma.generate_batch(["A picture of", "A picture of"], images=[picture(2), None], max_out_tokens=4)
+    # the error leaves the engine usable: the language model alone is fine
+    assert own_magma.generate("A picture of", temperature=0, max_out_tokens=4).token_ids == before
+
+
+def test_a_compiled_engine_raises_and_then_recovers_with_mended_weights(own_magma):
+    engine = Engine(own_magma.model, own_magma.tokenizer.eos_id, own_magma.engine.banned_ids, compile=True)
+    capacity = own_magma.config.cache_length
+    request = own_magma.request("A picture of", picture(2), 8)
+    settings = SamplingSettings(temperature=0, max_out_tokens=8)
+    expected = own_magma.engine.generate([request], settings, [0], capacity=capacity)[0].token_ids
+    saved = set_mlp_weight(own_magma)
+    with pytest.raises(NumericalError, match="prefill"):  # its bucket fills the cache but for 2 slots
+        engine.generate([request], SamplingSettings(temperature=0, max_out_tokens=2), [0], capacity=capacity)
+    set_mlp_weight(own_magma, saved)
+    # this prefill fills fewer slots, and the compiled decode step reads them all (masking the
+    # unfilled ones): NaN left there by the failed request would spoil every row
+    assert engine.generate([request], settings, [0], capacity=capacity)[0].token_ids == expected
