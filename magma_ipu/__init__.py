@@ -20,6 +20,7 @@ from .errors import (
     MagmaError,
     NumericalError,
     PromptError,
+    ResourceError,
     SamplingError,
 )
 from .images import ImageInput
@@ -63,6 +64,6 @@ def run_inference(
 
 __all__ = [
     "CheckpointError", "ConfigError", "DownloadError", "Generation", "ImageError", "Magma",
-    "MagmaConfig", "MagmaError", "ModelConfig", "NumericalError", "PromptError", "SamplingError",
+    "MagmaConfig", "MagmaError", "ModelConfig", "NumericalError", "PromptError", "ResourceError", "SamplingError",
     "SamplingSettings", "Tokenizer", "init_inference_session", "load_config", "run_inference",
 ]
