@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed
+from torch import nn
 
 from .config import MagmaConfig, parse_bytes, torch_dtype
 from .errors import ConfigError
@@ -141,6 +142,21 @@ def _load_int8(model: MagmaModel, config: MagmaConfig, checkpoint: Path, dtype: 
     int8_layers = tuple(name + "." for name, m in model.named_modules() if isinstance(m, INT8_LAYERS))
     rest = [k for k in model.state_dict() if not k.startswith(int8_layers)]
     load_into(model, tensors, dtype, config.device, source, keys=rest)
+    release_after_each_use(model.image_prefix)
+
+
+def release_after_each_use(module: nn.Module) -> None:
+    """After each forward of `module`, drop its memory-mapped weights' pages from this process's
+    resident set. The image prefix runs once per image, not once per token: its 0.6 GB of float32
+    weights are read again from the page cache (a fraction of a second) by the next image instead of
+    staying resident through every decode step. Weights that are not file mappings are untouched."""
+    weights = [t for t in module.state_dict().values() if t.device.type == "cpu"]
+
+    def release(*_) -> None:
+        for tensor in weights:
+            _release_pages(tensor)
+
+    module.register_forward_hook(release)
 
 
 def _meta_like(model: MagmaModel) -> dict[str, torch.Tensor]:

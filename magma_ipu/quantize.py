@@ -27,6 +27,9 @@ from torch import nn
 from .packed import PackedLinear, PackedWeight, check_float_linears, fuse_blocks, replace_linears
 
 METHODS = ("dynamic", "weight_only")
+# quantized tensors are deprecated upstream; this module is their one user, and layers are packed
+# from several threads, where warnings.catch_warnings cannot be used
+warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel", category=UserWarning)
 _ROWS_PER_CHUNK = 4096  # bounds the float temporaries of quantizing a big matrix
 
 
@@ -73,9 +76,7 @@ class FbgemmInt8Weight(PackedWeight):
     @classmethod
     def from_int8(cls, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> "FbgemmInt8Weight":
         zero = torch.zeros(len(scale), dtype=torch.long)
-        with warnings.catch_warnings():  # quantized tensors are deprecated upstream: this module is their one user
-            warnings.simplefilter("ignore", UserWarning)
-            qweight = torch._make_per_channel_quantized_tensor(weight, scale.double(), zero, 0)
+        qweight = torch._make_per_channel_quantized_tensor(weight, scale.double(), zero, 0)
         return cls(qweight, None if bias is None else bias.float().contiguous())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -170,3 +170,36 @@ def test_an_interrupted_conversion_leaves_no_file_under_the_final_name(on_disk, 
     assert not [p for p in cache.rglob("*") if p.is_file()]
     monkeypatch.setattr(weights, "quantized_tensors", original)
     assert Magma.load(config.replace(quantize="int8")).generate("A picture of", image=IMAGE, max_out_tokens=2)
+
+
+def resident_bytes(path: Path) -> int:
+    """This process's resident bytes in its mappings of `path` (smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = line.endswith(str(path.resolve()))
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1]) * 1024
+    return total
+
+
+def test_the_mapped_image_prefix_leaves_memory_after_each_image(tiny_magma, tmp_path, monkeypatch):
+    from magma_ipu.build import build_model
+
+    # an image encoder wide enough for megabyte-sized weights (smaller ones are never released)
+    config = tiny_magma.config.replace(image_width=64, image_layers=(1, 1, 1, 1))
+    source = build_model(config, None)
+    path = tmp_path / "wide.pt"
+    torch.save({"module": source.state_dict()}, path)
+    monkeypatch.setenv("MAGMA_CACHE", str(tmp_path / "cache"))
+    model = build_model(config.replace(quantize="int8"), path)
+    (cached,) = (tmp_path / "cache").rglob("*.safetensors")
+    big = sum(t.numel() * t.element_size() for t in model.image_prefix.state_dict().values())
+    assert big > 20 << 20
+    image = torch.zeros(1, 3, config.model.image_resolution, config.model.image_resolution)
+    before = resident_bytes(cached)
+    with torch.inference_mode():
+        first = model.embed_images(image)
+        assert resident_bytes(cached) - before < 0.25 * big  # read for the image, then let go (all but the small)
+        assert torch.equal(model.embed_images(image), first)  # and read back intact for the next
