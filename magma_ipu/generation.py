@@ -5,11 +5,20 @@ Rows of a batch are left-padded to a common length; each row's rotary positions 
 its first real input and padding slots are masked out, so a row gives the same tokens alone or
 in a batch. Compiled, the prefill pads further, to a multiple of PROMPT_BUCKET positions, so that
 prompts of many lengths share a few compiled shapes.
+
+Sharing: the cache lives in the model, so every computation on it (a prefill, a decode step) runs
+under a lock of that model's, and a streaming generation never holds it across a `yield`. Between
+its steps another call may use the cache; the generation then finds it no longer the owner and
+rebuilds its own state exactly as it first computed it (its prefill again, then one decode step per
+token it has produced), so each call gives the same tokens, bit for bit, as it would alone.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence, Union
 
@@ -50,11 +59,36 @@ class RowResult:
     finish_reason: str = "length"  # "eos" or "length"
 
 
+class _CacheGuard:
+    """The lock over one model's key/value cache and the generation whose state it holds (None:
+    nobody's). One per model, shared by all its engines, since they all write the same cache."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.owner: object | None = None
+
+
+_guards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_guards_lock = threading.Lock()
+
+
+def _guard_of(lm: torch.nn.Module) -> _CacheGuard:
+    with _guards_lock:
+        return _guards.setdefault(lm, _CacheGuard())
+
+
 class Engine:
-    """Runs requests through a MagmaModel; owns the cache and the compiled prefill and decode step."""
+    """Runs requests through a MagmaModel; owns the compiled prefill and decode step and drives the
+    model's cache.
+
+    Safe to share between threads and between generators alive at once (see the module docstring):
+    `generate` holds the model's lock for its whole run; `tokens` only during each computation, and
+    a suspended `tokens` generator, even one never finished, holds nothing.
+    """
 
     def __init__(self, model: MagmaModel, eos_id: int, banned_ids: Sequence[int] = (), compile: bool = False):
         self.model = model
+        self._guard = _guard_of(model.lm)
         self.eos_id = eos_id
         self.banned_ids = list(banned_ids)
         self.device = model.lm.transformer.wte.weight.device
@@ -103,15 +137,31 @@ class Engine:
         positions = (torch.arange(width, device=self.device)[None, :] - pads[:, None]).clamp(min=0)
         return embeds, valid, positions, pads
 
-    def _ensure_cache(self, batch: int, length: int) -> None:
-        """A cache of `batch` rows and at least `length` slots (the model's own is reused if it fits)."""
+    def _ensure_cache(self, batch: int, length: int, exact: bool = False) -> None:
+        """A cache of `batch` rows and at least `length` slots (the model's own is reused if it fits).
+        The steps see all its slots, or with `exact` the first `length` only: a replay sees the
+        slots its generation first saw, though another call may have grown the cache since (the
+        compiled steps' shapes, and so their arithmetic, depend on it)."""
         cached_batch, cached_length = self.model.lm.cache_size
         if cached_batch != batch or cached_length < length:
             self.model.lm.setup_caches(batch, length)
             cached_length = length
-        if self.key_valid.shape != (batch, cached_length):
-            self.key_valid = torch.zeros(batch, cached_length, dtype=torch.bool, device=self.device)
+        seen = length if exact else cached_length
+        if self.key_valid.shape != (batch, seen):
+            self.key_valid = torch.zeros(batch, seen, dtype=torch.bool, device=self.device)
         self.key_valid.zero_()
+
+    @contextmanager
+    def _hold(self, call: object | None = None) -> Iterator[bool]:
+        """Hold the model's cache for one computation of the generation `call` (None: a computation
+        of no generation). Yields whether the cache still holds that generation's state. While it
+        computes the cache is nobody's: after an exception every generation rebuilds its own."""
+        guard = self._guard
+        with guard.lock:
+            mine = call is not None and guard.owner is call
+            guard.owner = None
+            yield mine
+            guard.owner = call
 
     # -- the two phases -----------------------------------------------------------------------
 
@@ -176,23 +226,18 @@ class Engine:
         The EOS that ends a row is yielded; nothing after it. `capacity` sizes the cache so
         that later, longer requests reuse it. Given a list, `explain` receives one list per row
         of TokenExplanation, one per yielded token (the attention is then computed eagerly).
-        """
-        if explain is None:
-            yield from self._tokens(requests, settings, seeds, stats, capacity, None)
-            return
-        attentions = [block.attn["attention"] for block in self.model.lm.transformer.h]
-        for a in attentions:
-            a.capture = True
-        try:
-            explain.extend([] for _ in requests)
-            yield from self._tokens(requests, settings, seeds, stats, capacity, explain)
-        finally:
-            for a in attentions:
-                a.capture, a.captured = False, None
 
-    def _explanations(self, spans, pads, logits, out, explain) -> None:
-        attention = torch.stack([blk.attn["attention"].captured for blk in self.model.lm.transformer.h])
-        attention = attention.mean(2).cpu()  # layers x B x S, averaged over heads
+        The model's cache is held only while a token is computed, never while the generator is
+        suspended; resumed after other calls used it, the generator first rebuilds its own state
+        (see the module docstring). Its tokens are those it gives alone.
+        """
+        if explain is not None:
+            explain.extend([] for _ in requests)
+        yield from self._tokens(requests, settings, seeds, stats, capacity, explain)
+
+    def _explanations(self, spans, pads, logits, out, explain, weights) -> None:
+        # weights: each layer's attention of the last query, B x H x S (capturing_attention)
+        attention = torch.stack(weights).mean(2).cpu()  # layers x B x S, averaged over heads
         grid = self.model.cfg.image_grid
         for row, t in enumerate(out):
             if t is None:
@@ -214,33 +259,40 @@ class Engine:
             spans.append(row)
         return spans
 
-    def _prefill(self, requests: Sequence[Request], new_tokens: int, capacity: int = 0, eager: bool = False):
-        """Image encoder and prompt through the model, filling a cache with room for `new_tokens`
-        more (and at least `capacity` slots). Returns the last position's logits (B x V), the
-        prompt width (padding included) and each row's padding."""
-        sequences = self.embed(requests)
+    def _capturing(self, attention: list | None):
+        """The model's attention weights into `attention` for the computations within, unless None."""
+        return nullcontext() if attention is None else self.model.lm.capturing_attention(attention)
+
+    def _prefill(self, sequences: list[torch.Tensor], new_tokens: int, capacity: int = 0,
+                 attention: list | None = None, exact: bool = False):
+        """The prompts' embeddings (`embed`) through the model, filling a cache with room for
+        `new_tokens` more (and at least `capacity` slots; `exact`: see _ensure_cache). Given a list,
+        `attention` receives each layer's attention weights (the eager step, with capture). Returns
+        the last position's logits (B x V), the prompt width (padding included) and each row's padding."""
         longest = max(len(s) for s in sequences)
         length = max(capacity, longest + new_tokens)
         width = longest
-        if self.compiled and not eager:  # a bucket's width, as far as the cache has room for it
+        if self.compiled and attention is None:  # a bucket's width, as far as the cache has room for it
             width = max(longest, min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, length - new_tokens))
         embeds, valid, positions, pads = self._left_pad(sequences, width)
-        self._ensure_cache(len(requests), length)
+        self._ensure_cache(len(sequences), length, exact)
         self.key_valid[:, :width] = valid
         slots = torch.arange(width, device=self.device)
-        step_fn = self._prefill_step if eager else self.prefill_step
-        logits = step_fn(embeds, slots, positions, self.key_valid[:, :width])
+        step_fn = self.prefill_step if attention is None else self._prefill_step
+        with self._capturing(attention):
+            logits = step_fn(embeds, slots, positions, self.key_valid[:, :width])
         self._check_finite(logits, "in the prefill (the prompt, before token 1)", embeds)
         return logits, width, pads
 
-    def _step(self, token: torch.Tensor, slot: int, pads: torch.Tensor, number: int, eager: bool = False):
+    def _step(self, token: torch.Tensor, slot: int, pads: torch.Tensor, number: int, attention: list | None = None):
         """Feed `token` (B) at cache slot `slot`: logits B x V for the next one, generated token
-        `number` (counted from 1, for error messages)."""
+        `number` (counted from 1, for error messages). `attention`: as for _prefill."""
         self.key_valid[:, slot] = True
         slot_t = torch.tensor([slot], device=self.device)
         position = (slot_t - pads)[:, None]
-        step_fn = self._decode_step if eager else self.decode_step
-        logits = step_fn(token, slot_t, position, self.key_valid[:, : self._attended(slot, step_fn)])
+        step_fn = self.decode_step if attention is None else self._decode_step
+        with self._capturing(attention):
+            logits = step_fn(token, slot_t, position, self.key_valid[:, : self._attended(slot, step_fn)])
         self._check_finite(logits, f"at token {number} (a decode step)")
         return logits
 
@@ -249,33 +301,48 @@ class Engine:
         """Logits after the prompt and after each of `token_ids` ((n + 1) x V), computed exactly as
         generation computes them (prefill, then one cached step per token) with the given tokens
         fed instead of drawn ones: how a quantized model's decoding compares along a fixed path."""
-        logits, width, pads = self._prefill([request], len(token_ids))
-        out = [logits[0].clone()]  # copies: a CUDA graph's next replay reuses its output memory
-        for i, token in enumerate(token_ids):
-            out.append(self._step(torch.tensor([token], device=self.device), width + i, pads, i + 2)[0].clone())
+        with self._hold():
+            logits, width, pads = self._prefill(self.embed([request]), len(token_ids))
+            out = [logits[0].clone()]  # copies: a CUDA graph's next replay reuses its output memory
+            for i, token in enumerate(token_ids):
+                out.append(self._step(torch.tensor([token], device=self.device), width + i, pads, i + 2)[0].clone())
         return torch.stack(out)
 
     def _tokens(self, requests, settings, seeds, stats, capacity, explain) -> Iterator[list[int | None]]:
         stats = stats if stats is not None else GenerationStats()
         start = time.perf_counter()
+        me = object()  # this generation, as the cache's owner
         generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        logits, width, pads = self._prefill(requests, settings.max_out_tokens, capacity, eager=explain is not None)
-        token = draw(logits, settings, generators)
         spans = self.image_spans(requests) if explain is not None else None
-        pad_list = pads.tolist()
-        stats.prompt_positions = width - min(pad_list)  # the longest prompt, without padding
+        fed: list[torch.Tensor] = []  # the tokens fed to decode steps so far: what a replay feeds again
         finished = [False] * len(requests)
         for step in range(settings.max_out_tokens):
+            # explaining computes everything eagerly with captured attention, replays included, so
+            # that a replay repeats the same arithmetic; a replay's weights are dropped
+            weights = [] if explain is not None else None
+            with self._hold(me) as mine:
+                if step == 0:
+                    sequences = self.embed(requests)
+                    logits, width, pads = self._prefill(sequences, settings.max_out_tokens, capacity, weights)
+                    pad_list = pads.tolist()
+                    seen = self.key_valid.shape[1]  # the slots a replay must see again
+                else:
+                    if not mine:  # another call used the cache since this generation's last step
+                        replay = [] if explain is not None else None
+                        self._prefill(sequences, settings.max_out_tokens, seen, replay, exact=True)
+                        for i, fed_token in enumerate(fed):
+                            self._step(fed_token, width + i, pads, i + 2, replay)
+                    logits = self._step(token, width + step - 1, pads, step + 1, weights)
+                    fed.append(token)
+                token = draw(logits, settings, generators)  # logits may be a CUDA graph's output: read them here
+                values = token.tolist()
+                out = [None if done else t for done, t in zip(finished, values)]
+                if explain is not None:
+                    self._explanations(spans, pad_list, logits, out, explain, weights)
             if step == 0:
+                stats.prompt_positions = width - min(pad_list)  # the longest prompt, without padding
                 stats.time_to_first_token = time.perf_counter() - start
                 decode_start = time.perf_counter()
-            else:
-                logits = self._step(token, width + step - 1, pads, step + 1, eager=explain is not None)
-                token = draw(logits, settings, generators)
-            values = token.tolist()
-            out = [None if done else t for done, t in zip(finished, values)]
-            if explain is not None:
-                self._explanations(spans, pad_list, logits, out, explain)
             finished = [done or t == self.eos_id for done, t in zip(finished, values)]
             stats.new_tokens = step + 1
             stats.decode_time = time.perf_counter() - decode_start
@@ -292,15 +359,18 @@ class Engine:
         capacity: int = 0,
         explain: list[list[TokenExplanation]] | None = None,
     ) -> list[RowResult]:
+        """All tokens at once. The model's cache is held throughout: concurrent calls wait rather
+        than take turns step by step (each turn would cost the other a replay)."""
         results = [RowResult() for _ in requests]
-        for step_tokens in self.tokens(requests, settings, seeds, stats, capacity, explain):
-            for row, token in enumerate(step_tokens):
-                if token is None:
-                    continue
-                if token == self.eos_id:
-                    results[row].finish_reason = "eos"
-                    continue
-                results[row].token_ids.append(token)
+        with self._guard.lock:
+            for step_tokens in self.tokens(requests, settings, seeds, stats, capacity, explain):
+                for row, token in enumerate(step_tokens):
+                    if token is None:
+                        continue
+                    if token == self.eos_id:
+                        results[row].finish_reason = "eos"
+                        continue
+                    results[row].token_ids.append(token)
         return results
 
     @torch.inference_mode()
@@ -309,7 +379,8 @@ class Engine:
         no-cache benchmark). Left-padded like `tokens`; B x T x V."""
         embeds, key_valid, positions, _ = self._left_pad(self.embed(requests))
         slots = torch.arange(key_valid.shape[1], device=self.device)
-        self.model.lm.clear_caches()  # the next request builds them again
-        logits = self._logits(self.model(embeds, slots, positions, key_valid))
-        self._check_finite(logits, "in full_logits (every position, no cache)", embeds)
+        with self._hold():
+            self.model.lm.clear_caches()  # the next request builds them again
+            logits = self._logits(self.model(embeds, slots, positions, key_valid))
+            self._check_finite(logits, "in full_logits (every position, no cache)", embeds)
         return logits

@@ -213,12 +213,12 @@ def test_compiled_prefill_pads_prompts_to_a_shared_bucket(tiny_magma):
     for i, request in enumerate(requests):
         # the second prompt reuses the first one's graphs
         with torch._dynamo.config.patch(error_on_recompile=i > 0), torch.inference_mode():
-            logits, width, pads = engine._prefill([request], 6, capacity)
+            logits, width, pads = engine._prefill(engine.embed([request]), 6, capacity)
             stats = GenerationStats()
             tokens = engine.generate([request], settings, [0], stats=stats, capacity=capacity)[0].token_ids
         assert width == PROMPT_BUCKET and stats.prompt_positions == len(tiny_magma.engine.embed([request])[0])
         with torch.inference_mode():
-            eager_logits, eager_width, _ = tiny_magma.engine._prefill([request], 6, capacity)
+            eager_logits, eager_width, _ = tiny_magma.engine._prefill(engine.embed([request]), 6, capacity)
         assert eager_width < width and max_diff(logits, eager_logits) < 1e-4
         assert tokens == tiny_magma.engine.generate([request], settings, [0], capacity=capacity)[0].token_ids
 
@@ -228,7 +228,7 @@ def test_a_bucket_never_outgrows_the_cache(tiny_magma):
     request = tiny_magma.request("A picture of", picture(1), 8)
     longest = len(engine.embed([request])[0])
     with torch.inference_mode():
-        _, width, _ = engine._prefill([request], 8, capacity=longest + 8)
+        _, width, _ = engine._prefill(engine.embed([request]), 8, capacity=longest + 8)
     assert width == longest and engine.model.lm.cache_size[1] >= width + 8
 
 

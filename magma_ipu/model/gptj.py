@@ -10,6 +10,9 @@ The module tree is the checkpoint's key tree: lm.transformer.h.N.attn.attention.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,8 +54,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.kv_cache: KVCache | None = None
-        self.capture = False  # keep the last query's attention weights (B x H x S) for explanations
-        self.captured: torch.Tensor | None = None
+        # set by GPTJ.capturing_attention for one computation: the list this layer appends its weights to
+        self.capture: list[torch.Tensor] | None = None
 
     def forward(self, q, k, v, cos, sin, slots, mask):
         # q, k, v: B x T x H*hd projections (see Block.projections);  mask: B x 1 x T x S (True = may attend)
@@ -65,10 +68,10 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(slots, k, v)
             live = mask.shape[-1]  # attend over the slots the mask covers, not the whole cache
             k, v = k[:, :, :live], v[:, :, :live]  # B x H x S x hd
-        if self.capture:  # the same attention, written out so its weights can be kept
+        if self.capture is not None:  # the same attention, written out so its weights can be kept
             scores = (q @ k.transpose(-2, -1)) / self.head_dim**0.5
             weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-            self.captured = weights[:, :, -1].float()
+            self.capture.append(weights[:, :, -1].float())
             y = weights @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -162,6 +165,20 @@ class GPTJ(nn.Module):
     def clear_caches(self) -> None:
         for block in self.transformer.h:
             block.attn["attention"].kv_cache = None
+
+    @contextmanager
+    def capturing_attention(self, sink: list[torch.Tensor]) -> Iterator[None]:
+        """Within, each forward appends to `sink` every layer's attention weights of the last query
+        (B x H x S, float32, layers in order), computed by an explicit softmax instead of the fused
+        kernel. The layers drop `sink` on leaving, whatever happens: the model keeps nothing of it."""
+        layers = [block.attn["attention"] for block in self.transformer.h]
+        for attention in layers:
+            attention.capture = sink
+        try:
+            yield
+        finally:
+            for attention in layers:
+                attention.capture = None
 
     @property
     def cache_size(self) -> tuple[int, int]:
