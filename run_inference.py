@@ -18,6 +18,7 @@ import dataclasses
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch.distributed
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--explain", action="store_true",
                         help="with --json: per token, the top candidates before/after the filters and the "
                              "image attention grid (mean over layers and heads)")
+    parser.add_argument("--debug", action="store_true", help="on an unexpected error, print the full traceback")
     fields = parser.add_argument_group("config fields (override the preset)")
     defaults = {**{f.name: f.default for f in dataclasses.fields(ModelConfig)},
                 **{f.name: f.default for f in dataclasses.fields(MagmaConfig) if f.name != "model"}}
@@ -91,8 +93,30 @@ def explain_json(magma: Magma, result) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 1 an error (one line on stderr), 2 a bad option, 130 interrupted."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    try:
+        return run(parser, args, unknown)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # not a MagmaError: a bug, or a case nobody checked for; still one line
+        if args.debug:
+            traceback.print_exc()
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        message = str(e).strip().splitlines()[0] if str(e).strip() else "(no message)"
+        print(f"error: unexpected {type(e).__name__}: {message} (at {frame.filename}:{frame.lineno}; "
+              + ("the traceback is above)" if args.debug else "--debug prints the traceback)"), file=sys.stderr)
+        return 1
+    finally:
+        # every rank leaves the process group before exiting: gloo's threads would otherwise outlive
+        # the interpreter and abort the process at exit ("terminate called without an active exception")
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace, unknown: list[str]) -> int:
     if unknown:
         flag = unknown[0].split("=")[0]
         known = [a for a in parser._option_string_actions if a.startswith("--")]

@@ -8,10 +8,11 @@ The object API: `Magma.load(...)`, then `.generate`, `.stream`, `.generate_batch
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
-from .config import MagmaConfig, ModelConfig, load_config
+from .config import MagmaConfig, ModelConfig, _suggest, load_config
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -48,8 +49,13 @@ def run_inference(
     top_k: int = 0,
     temperature: float = 0.7,
     max_out_tokens: int = 6,
+    **unknown: Any,
 ) -> str:
     """Caption or answer about one image; returns the generated text (special tokens removed)."""
+    if unknown:  # a SamplingError with a did-you-mean, where Python would say only "unexpected keyword"
+        name = next(iter(unknown))
+        raise SamplingError(f"run_inference got an unknown keyword argument {name!r}{_suggest(name, _RUN_ARGUMENTS)}; "
+                            f"it takes {', '.join(_RUN_ARGUMENTS)}")
     result = session.generate(
         text_prompt,
         image=image_url,
@@ -60,6 +66,9 @@ def run_inference(
         max_out_tokens=max_out_tokens,
     )
     return result.text
+
+
+_RUN_ARGUMENTS = tuple(inspect.signature(run_inference).parameters)[:-1]  # all but **unknown
 
 
 __all__ = [

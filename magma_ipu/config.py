@@ -9,8 +9,13 @@ checkpoint; other values are taken as given (a path, a hub reference, a hub name
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import difflib
+import math
+import numbers
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +23,20 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, SamplingError
-from .sampling import SamplingSettings
+from .sampling import SamplingSettings, _shown
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")
 AUTO = "auto"  # device, dtype and quantize: decided at load time from the machine (resources.py)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+# Rotary angles are position x frequency in float32: past 2**16 positions their rounding error
+# passes ~0.004 rad and grows with the position (GPT-J itself was trained on 2048). Bounds the key/value
+# cache too: 2 x layers x positions x d_model values, allocated whole for every session.
+MAX_POSITIONS = 2**16
+MAX_IMAGE_TIMEOUT = 86_400.0  # one day: sockets and timers refuse timeouts past ~2**33 s
+MAX_IMAGE_BYTES = 2**30  # an image file is read whole into memory
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets
 
 
 def torch_dtype(name: str):
@@ -35,11 +47,16 @@ def torch_dtype(name: str):
 
 
 def parse_bytes(text: str) -> int:
-    """'6GiB', '500MB', '1e9' -> bytes."""
+    """'6GiB', '500MB', '1e9' -> bytes (at least 1, finite)."""
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"max_device_memory must look like '6GiB', '500MB' or a number of bytes, got {text!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    try:
+        size = float(match.group(1)) * _UNITS[match.group(2).lower()] if match else math.nan
+    except (ValueError, KeyError):  # "1.2.3", an unknown unit
+        size = math.nan
+    if not 1 <= size < math.inf:
+        raise ValueError(f"max_device_memory must be a finite size of at least 1 byte, like '6GiB', '500MB' or a "
+                         f"number of bytes, got {text!r}")
+    return int(size)
 
 
 @dataclass(frozen=True)
@@ -131,12 +148,9 @@ def load_config(name_or_path: str | Path = "demo", **overrides: Any) -> MagmaCon
             )
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of fields")
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of fields, got {type(raw).__name__}")
     raw.setdefault("name", path.stem)
     for key in ("checkpoint", "tokenizer"):
         value = raw.get(key)
@@ -145,19 +159,65 @@ def load_config(name_or_path: str | Path = "demo", **overrides: Any) -> MagmaCon
     return _build(raw, overrides, source=str(path))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error: PyYAML would silently
+    keep the last value."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key_node.value!r} is given twice", key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in `path`; any problem is one line, with file:line:column where YAML says."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: config file is not UTF-8 text (byte 0x{data[e.start]:02x}): "
+                          "save it as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        context = getattr(e, "context", None)
+        raise ConfigError(f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")) from None
+
+
 def _suggest(name: str, choices: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1)
+    close = difflib.get_close_matches(str(name), choices, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _model_fields(value: Any, source: str) -> dict[str, Any]:
+    if isinstance(value, ModelConfig):
+        return dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise ConfigError(f"'model' in {source} must be a mapping of model fields ({', '.join(MODEL_FIELDS)}), "
+                      f"got {value!r}")
+
+
 def _build(raw: dict[str, Any], overrides: dict[str, Any], source: str) -> MagmaConfig:
-    model = dict(raw.get("model") or {})
+    model = _model_fields(raw.get("model") or {}, source)
     top = {k: v for k, v in raw.items() if k != "model"}
     for key, value in overrides.items():
         if key in MODEL_FIELDS:
             model[key] = value
-        elif key == "model" and isinstance(value, dict):
-            model.update(value)
+        elif key == "model":
+            model.update(_model_fields(value, "the overrides"))
         else:
             top[key] = value
     for key in model:
@@ -175,31 +235,57 @@ def _build(raw: dict[str, Any], overrides: dict[str, Any], source: str) -> Magma
 
 
 def _coerce(cls: type, name: str, value: Any) -> Any:
-    """Turn strings from the command line (and lists from YAML) into the field's type."""
+    """Turn strings from the command line (and lists from YAML) into the field's type. Nothing is
+    rounded or guessed: 2.5 is no int, True no number, a list no path."""
     default = next(f for f in dataclasses.fields(cls) if f.name == name).default
     try:
         if name == "image_layers":
             if isinstance(value, str):
                 value = [v for v in value.replace(",", " ").split()]
-            return tuple(int(v) for v in value)
-        if value is None or isinstance(default, str) or default is None:
-            return None if value in (None, "None", "null") else str(value)
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
+            return tuple(_integer(v) for v in value)
+        if default is None and value in (None, "None", "null"):
+            return None
+        if isinstance(default, str) or default is None:
+            if isinstance(value, bool) or not isinstance(value, (str, int, float, os.PathLike)):
                 raise ValueError
-            return int(value)
+            return str(value)
+        if isinstance(default, bool):
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+                return bool(value)
+            raise ValueError
+        if isinstance(default, int):
+            return _integer(value)
         if isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (str, numbers.Real, decimal.Decimal)):
+                raise ValueError
             return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         kind = "a list of 4 integers" if name == "image_layers" else type(default).__name__
-        raise ConfigError(f"config field {name!r} must be {kind}, got {value!r}") from None
+        if default is None:
+            kind = "str or null"
+        raise ConfigError(f"config field {name!r} must be {kind}, got {_shown(value)}") from None
     return value
+
+
+def _integer(value: Any) -> int:
+    """`value` as an int if it is one exactly (the string "3", 3.0, numpy.int64(3)); ValueError if not."""
+    if isinstance(value, str):
+        return int(value.strip())
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, decimal.Decimal)):
+        raise ValueError
+    number = int(value)  # OverflowError for inf, ValueError for nan
+    if number != value:
+        raise ValueError
+    return number
+
+
+def tensor_parallel_problems(m: ModelConfig, world: int) -> list[str]:
+    """The sizes that `world` ranks cannot split evenly (heads, MLP, adapter, LM head rows)."""
+    sizes = {"n_head": m.n_head, "d_ff": m.d_ff, "the adapter's hidden size d_model/adapter_downsample":
+             m.d_model // m.adapter_downsample, "lm_head_size": m.lm_head_size}
+    return [f"{name} ({n})" for name, n in sizes.items() if n % world]
 
 
 def _validate(cfg: MagmaConfig) -> None:
@@ -215,6 +301,26 @@ def _validate(cfg: MagmaConfig) -> None:
     for name, value in positive.items():
         if not value > 0:
             raise ConfigError(f"config field {name!r} must be > 0, got {value}")
+    if not cfg.image_timeout <= MAX_IMAGE_TIMEOUT:  # also inf and nan
+        raise ConfigError(f"image_timeout must be a number of seconds in (0, {MAX_IMAGE_TIMEOUT:g}], "
+                          f"got {cfg.image_timeout}")
+    if cfg.max_image_bytes > MAX_IMAGE_BYTES:
+        raise ConfigError(f"max_image_bytes must be at most {MAX_IMAGE_BYTES} (1 GiB; an image file is read whole "
+                          f"into memory), got {cfg.max_image_bytes}")
+    if cfg.cache_length > MAX_POSITIONS:
+        raise ConfigError(
+            f"sequence_length must be at most {MAX_POSITIONS - m.image_tokens} (the model addresses {MAX_POSITIONS} "
+            f"positions with float32 rotary angles, {m.image_tokens} of them for the image; GPT-J was trained "
+            f"on 2048), got {cfg.sequence_length}")
+    bad = tensor_parallel_problems(m, cfg.tensor_parallel)
+    if bad:
+        raise ConfigError(f"tensor_parallel={cfg.tensor_parallel} must divide {', '.join(bad)}: "
+                          "each process holds an equal share of them")
+    missing = [name for name in _LAUNCHER_ENV if name not in os.environ]
+    if cfg.tensor_parallel > 1 and missing:
+        raise ConfigError(f"tensor_parallel={cfg.tensor_parallel} needs one process per rank, started by torchrun "
+                          f"({', '.join(missing)} not set): launch with torchrun --nproc-per-node "
+                          f"{cfg.tensor_parallel} run_inference.py ... --tensor_parallel {cfg.tensor_parallel}")
     if m.d_model % m.n_head:
         raise ConfigError(f"d_model ({m.d_model}) must be divisible by n_head ({m.n_head})")
     if m.rotary_dim % 2 or not 0 < m.rotary_dim <= m.head_dim:
@@ -242,8 +348,11 @@ def _validate(cfg: MagmaConfig) -> None:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES + (AUTO,))}, got {cfg.dtype!r}")
     if cfg.quantize not in QUANTIZATIONS + (AUTO,):
         raise ConfigError(f"quantize must be one of {', '.join(QUANTIZATIONS + (AUTO,))}, got {cfg.quantize!r}")
-    if not (cfg.device in ("cpu", AUTO) or cfg.device.startswith("cuda")):
-        raise ConfigError(f"device must be 'cpu', 'cuda[:N]' or 'auto', got {cfg.device!r}")
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", cfg.device)
+    if not (cfg.device in ("cpu", AUTO) or cuda):
+        raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' (N a device number) or 'auto', got {cfg.device!r}")
+    if cuda:
+        _check_cuda(cfg.device, cuda.group(1))
     if cfg.device == "cpu" and cfg.quantize == "int8" and cfg.dtype not in ("float32", AUTO):
         raise ConfigError(f"int8 on the CPU runs with float32 activations: use dtype float32 (or auto), "
                           f"not {cfg.dtype}")
@@ -252,3 +361,19 @@ def _validate(cfg: MagmaConfig) -> None:
         SamplingSettings(cfg.seed, cfg.top_p, cfg.top_k, cfg.temperature, cfg.max_out_tokens).validate()
     except SamplingError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_cuda(device: str, index: str | None) -> None:
+    """Refuse a CUDA device this process cannot use, saying why, before anything is built on it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None and torch.version.hip is None:
+            why = f"CUDA is not available in this torch build (torch {torch.__version__} is CPU-only)"
+        else:
+            why = "no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES)"
+        raise ConfigError(f"device {device!r}: {why}; use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if index is not None and int(index) >= count:
+        raise ConfigError(f"device {device!r} does not exist: this machine has {count} CUDA device"
+                          f"{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")

@@ -13,12 +13,15 @@ Each rank reads only its own slices from the (memory-mapped) checkpoint.
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .config import tensor_parallel_problems
+from .errors import ConfigError
 from .model import MagmaModel
 
 # key suffix -> (dimension to split, or "rank0" for a bias kept on rank 0 only)
@@ -59,12 +62,11 @@ def shard(tensor: torch.Tensor, key: str, rank: int, world: int) -> torch.Tensor
 
 
 def check_divisible(model: MagmaModel, world: int) -> None:
-    cfg = model.cfg
-    sizes = {"n_head": cfg.n_head, "d_ff": cfg.d_ff, "adapter hidden size": cfg.d_model // cfg.adapter_downsample,
-             "lm_head_size": cfg.lm_head_size}
-    bad = [f"{name} ({n})" for name, n in sizes.items() if n % world]
+    """The config check again, for a model that did not come through load_config."""
+    bad = tensor_parallel_problems(model.cfg, world)
     if bad:
-        raise ValueError(f"tensor_parallel={world} must divide {', '.join(bad)}")
+        raise ConfigError(f"tensor_parallel={world} must divide {', '.join(bad)}: each process holds an equal "
+                          "share of them")
 
 
 def shard_model(model: MagmaModel, rank: int, world: int) -> MagmaModel:
@@ -111,5 +113,10 @@ def init_from_env(device: str) -> tuple[int, int, str]:
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     if not dist.is_initialized():
+        # torch.distributed.nn.functional takes group.WORLD as a default argument when first
+        # imported (a FakeTensorMode, as weights.py uses, imports it): imported after the group
+        # exists, it holds the group forever, destroy_process_group cannot stop gloo's threads, and
+        # the process aborts at exit ("terminate called without an active exception")
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return rank, world, device

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .model import MagmaModel
 
 def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -36,8 +37,10 @@ class PhasedBlocks:
         # two slots are kept free for streaming: the block that runs and the one being copied in
         fits = max(0, (budget - fixed) // per_block - 2) if budget > fixed + 2 * per_block else -1
         if fits < 0:
-            raise ValueError(f"max_device_memory {budget} bytes cannot hold the non-block weights ({fixed} bytes) "
-                             f"and two blocks in flight ({2 * per_block} bytes)")
+            raise ConfigError(
+                f"max_device_memory {budget} bytes ({budget / 2**30:.3g} GiB) cannot hold the non-block weights "
+                f"({fixed} bytes) and two blocks in flight ({2 * per_block} bytes): give at least "
+                f"{fixed + 2 * per_block + 1} bytes ({(fixed + 2 * per_block + 1) / 2**30:.3g} GiB)")
         self.resident = min(fits, len(blocks))
         self.streamed = blocks[self.resident :]
         self.transfers = 0

@@ -10,6 +10,7 @@ Sampling settings are per call; nothing is rebuilt or reloaded between calls.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,19 +21,22 @@ import torch
 from PIL import Image
 
 from .build import build_model
-from .config import MagmaConfig, load_config
+from .config import MagmaConfig, _suggest, load_config
 from .download import resolve_checkpoint
-from .errors import ConfigError, PromptError
+from .errors import ConfigError, MagmaError, PromptError, SamplingError
 from .explain import TokenExplanation
 from .generation import Engine, GenerationStats
 from .images import ImageInput, load_image, preprocess
 from .model import MagmaModel
 from .resources import resolve_auto
-from .sampling import SamplingSettings
+from .sampling import SamplingSettings, _shown
 from .text import TextStream, Tokenizer
 
 ImageLike = Union[Image.Image, np.ndarray]
 Prompt = Union[str, Sequence[Union[str, ImageLike]]]
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingSettings))
+CALL_ARGUMENTS = ("prompt", "prompts", "image", "images", "seeds", "explain")  # for did-you-mean only
+PROMPT_IMAGES = (Image.Image, np.ndarray, Path)  # the types a prompt list holds as images
 
 @dataclass
 class Generation:
@@ -71,6 +75,16 @@ def decide_auto(config: MagmaConfig, on_choice: Callable[[str], None] | None = N
     config, note = resolve_auto(config, shape_only)
     (on_choice or logging.getLogger("magma_ipu").info)(note)
     return config
+
+
+def _at(i: int, n: int, name: str, check: Callable[[], Any]) -> Any:
+    """check(), with a MagmaError it raises prefixed by `name[i]` when there are several."""
+    try:
+        return check()
+    except MagmaError as e:
+        if n == 1:
+            raise
+        raise type(e)(f"{name}[{i}]: {e}") from None
 
 
 class Magma:
@@ -116,6 +130,13 @@ class Magma:
     # -- inputs -------------------------------------------------------------------------------
 
     def settings(self, **overrides: Any) -> SamplingSettings:
+        """The config's sampling defaults with `overrides` (None: keep the default), validated."""
+        unknown = [k for k in overrides if k not in SAMPLING_FIELDS]
+        if unknown:
+            # the keyword arguments of generate, generate_batch and stream end up here
+            raise SamplingError(f"unknown keyword argument {unknown[0]!r}"
+                                f"{_suggest(unknown[0], SAMPLING_FIELDS + CALL_ARGUMENTS)}; the sampling settings "
+                                f"are {', '.join(SAMPLING_FIELDS)}")
         c = self.config
         base = dict(seed=c.seed, top_p=c.top_p, top_k=c.top_k, temperature=c.temperature, max_out_tokens=c.max_out_tokens)
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -131,20 +152,36 @@ class Magma:
         return preprocess(self.open_image(image), self.config.model.image_resolution)
 
     def request(self, prompt: Prompt, image: ImageInput | None, max_out_tokens: int) -> list:
-        """Segments for the engine: image tensors and token-id lists, in prompt order."""
+        """Segments for the engine: image tensors and token-id lists, in prompt order. Every item
+        is checked before any image is read."""
         if isinstance(prompt, str):
-            parts = [prompt]
-        elif isinstance(prompt, Sequence):
-            parts = list(prompt)
+            parts, where = [prompt], lambda i: "prompt"
+        elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+            parts, where = list(prompt), lambda i: f"prompt item {i}"
         else:
-            raise PromptError(f"prompt must be a string or a list of strings and images, got {type(prompt).__name__}")
+            hint = {bytes: " (decode it to str first)", bytearray: " (decode it to str first)"}.get(type(prompt), "")
+            if isinstance(prompt, PROMPT_IMAGES):
+                hint = " (an image alone goes in image=..., or in a list: [image])"
+            raise PromptError(f"prompt must be a string or a list of strings and images, got "
+                              f"{type(prompt).__name__}{hint}")
+        for i, part in enumerate(parts):
+            if isinstance(part, str):
+                try:
+                    part.encode("utf-8")
+                except UnicodeEncodeError as e:  # a lone surrogate: no tokenizer can encode it
+                    raise PromptError(f"{where(i)} holds {part[e.start]!r} at character {e.start}, a lone surrogate: "
+                                      "text must be valid Unicode (encodable as UTF-8)") from None
+                found = sorted(t for t in self.tokenizer.special_tokens if t in part)
+                if found:
+                    raise PromptError(f"{where(i)} text must not contain special tokens: {', '.join(found)}")
+            elif not isinstance(part, PROMPT_IMAGES):
+                raise PromptError(f"{where(i)} is {_shown(part)} ({type(part).__name__}): each item must be text (str) "
+                                  "or an image (PIL image, NumPy array, pathlib.Path; a path or URL string "
+                                  "is text here, it goes in image=...)")
         segments: list = [self.image_tensor(image)] if image is not None else []
         text_tokens = 0
         for part in parts:
             if isinstance(part, str):
-                found = sorted(t for t in self.tokenizer.special_tokens if t in part)
-                if found:
-                    raise PromptError(f"prompt text must not contain special tokens: {', '.join(found)}")
                 ids = self.tokenizer.encode(part)
                 text_tokens += len(ids)
                 segments.append(ids)
@@ -166,7 +203,8 @@ class Magma:
     def generate(
         self, prompt: Prompt = "", image: ImageInput | None = None, explain: bool = False, **sampling: Any
     ) -> Generation:
-        """One completion. `sampling`: seed, top_p, top_k, temperature, max_out_tokens."""
+        """One completion. `sampling`: seed, top_p, top_k, temperature, max_out_tokens.
+        Safe to share like generate_batch."""
         return self.generate_batch([prompt], images=[image], explain=explain, **sampling)[0]
 
     def generate_batch(
@@ -178,17 +216,39 @@ class Magma:
         **sampling: Any,
     ) -> list[Generation]:
         """Several prompts at once; each row gives what it would give alone (same seed).
-        `explain=True` adds each token's logits and image attention (see TokenExplanation)."""
+        `explain=True` adds each token's logits and image attention (see TokenExplanation).
+
+        A session is safe to share: calls from several threads, and calls made while streams of
+        it are open, each give exactly the tokens they give alone. This call holds the model for
+        its whole run; other calls wait for it."""
+        # a string is a Sequence too: each character would become a prompt
+        if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
+            raise PromptError(f"prompts must be a list of prompts, got {type(prompts).__name__} "
+                              "(for one prompt, use generate)")
         if not prompts:
             raise PromptError("prompts must not be empty")
-        images = list(images) if images is not None else [None] * len(prompts)
-        if len(images) != len(prompts):
-            raise PromptError(f"got {len(prompts)} prompts but {len(images)} images")
+        n = len(prompts)
+        if images is None:
+            images = [None] * n
+        elif isinstance(images, (str, bytes, bytearray, *PROMPT_IMAGES)) or not isinstance(images, Sequence):
+            raise PromptError(f"images must be a list with one image (or None) per prompt, got {type(images).__name__}")
+        if len(images) != n:
+            raise PromptError(f"got {n} prompts but {len(images)} images: give one image (or None) per prompt")
         settings = self.settings(**sampling)
-        seeds = list(seeds) if seeds is not None else [settings.seed] * len(prompts)
-        for seed in seeds:
-            SamplingSettings(seed=seed).validate()
-        requests = [self.request(p, im, settings.max_out_tokens) for p, im in zip(prompts, images)]
+        if seeds is None:
+            seeds = [settings.seed] * n
+        else:
+            if sampling.get("seed") is not None:
+                raise SamplingError("give seeds (one per prompt) or seed (the same for every prompt), not both")
+            if not isinstance(seeds, (Sequence, np.ndarray)) or isinstance(seeds, (str, bytes, bytearray)):
+                raise SamplingError(f"seeds must be a list of integers, one per prompt, got {type(seeds).__name__}")
+            if len(seeds) != n:
+                raise SamplingError(f"got {n} prompts but {len(seeds)} seeds: give one seed per prompt, "
+                                    f"or no seeds (every prompt then uses seed {settings.seed})")
+            seeds = [_at(i, n, "seeds", lambda: SamplingSettings(seed=seed).validate().seed)
+                     for i, seed in enumerate(seeds)]
+        requests = [_at(i, n, "prompts", lambda: self.request(p, im, settings.max_out_tokens))
+                    for i, (p, im) in enumerate(zip(prompts, images))]
         stats = GenerationStats()
         explanations: list | None = [] if explain else None
         rows = self.engine.generate(requests, settings, seeds, stats=stats, capacity=self.config.cache_length,
@@ -200,7 +260,8 @@ class Magma:
         ]
 
     def stream(self, prompt: Prompt = "", image: ImageInput | None = None, **sampling: Any) -> Iterator[str]:
-        """Yield text pieces as tokens are decoded (always whole characters)."""
+        """Yield text pieces as tokens are decoded (always whole characters). Safe to share like
+        stream_with_stats."""
         for piece, _ in self.stream_with_stats(prompt, image, **sampling):
             if piece:
                 yield piece
@@ -213,7 +274,12 @@ class Magma:
         **sampling: Any,
     ) -> Iterator[tuple[str, GenerationStats]]:
         """Text pieces with the running timing figures; the last piece may be empty.
-        Given a list, `explain` receives a TokenExplanation per generated token."""
+        Given a list, `explain` receives a TokenExplanation per generated token.
+
+        The model is held only while a token is computed, never between pieces: other calls and
+        other streams, in this thread or others, may run in between, and this stream still gives
+        exactly the tokens it gives alone (after another call used the model it first recomputes
+        its prompt and tokens so far, which costs time). A stream left unfinished holds nothing."""
         settings = self.settings(**sampling)
         request = self.request(prompt, image, settings.max_out_tokens)
         stats = GenerationStats()

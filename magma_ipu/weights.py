@@ -10,6 +10,7 @@ dtype/device one at a time, so no second full copy of the weights is ever held.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import re
@@ -58,9 +59,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = obj["module"]  # DeepSpeed: the model's state dict sits under "module"
     if not isinstance(obj, dict) or not obj:
         raise CheckpointError(f"checkpoint {str(path)!r} holds no state dict")
-    bad = [repr(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"checkpoint {str(path)!r} has entries that are not tensors: {_names(bad)}")
+    for problem, is_bad in (
+        ("keys that are not strings", lambda k, v: not isinstance(k, str)),
+        ("entries that are not tensors", lambda k, v: not isinstance(v, torch.Tensor)),
+        # sparse weights would need densifying; a meta tensor has a shape but no values to load
+        ("sparse tensors (only dense ones can be loaded)", lambda k, v: v.layout != torch.strided),
+        ("tensors without data (saved from the meta device)", lambda k, v: v.is_meta),
+    ):
+        bad = [k for k, v in obj.items() if is_bad(k, v)]
+        if bad:
+            raise CheckpointError(f"checkpoint {str(path)!r} has {problem}: {_names(bad)}")
     return obj
 
 
@@ -75,13 +83,30 @@ def _load_torch_file(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-    with FakeTensorMode():
-        fake = torch.load(path, map_location="cpu", weights_only=True)
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    try:
+        fake_log.disabled = True  # it logs a traceback of its own before raising
+        with FakeTensorMode():
+            fake = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        # FakeTensorMode cannot rebuild every layout (sparse CSR): loaded onto `meta`, which reads no
+        # data, such tensors can still be named by read_state_dict. Anything else is the first error.
+        try:
+            shapes = torch.load(path, map_location="meta", weights_only=True)
+        except Exception:
+            raise e from None
+        if not any(t.layout != torch.strided for t in _leaves(shapes)):
+            raise
+        return shapes
+    finally:
+        fake_log.disabled = False
     data = _map_read_only(path)
 
     def real(t):
         if not isinstance(t, FakeTensor):
             return t
+        if t.layout != torch.strided or t.device.type == "meta":  # no bytes in the file: read_state_dict names it
+            return torch.empty(t.shape, dtype=t.dtype, layout=t.layout, device="meta")
         storage = t.untyped_storage()
         start = storage._checkpoint_offset
         if start is None or start + storage.nbytes() > len(data):
@@ -93,6 +118,15 @@ def _load_torch_file(path: Path):
         return typed.as_strided(t.shape, t.stride(), typed.storage_offset() + t.storage_offset())
 
     return _tree_map(real, fake)
+
+
+def _leaves(obj) -> Iterator:
+    """The tensors in a tree of dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for v in obj.values() if isinstance(obj, dict) else obj:
+            yield from _leaves(v)
 
 
 def _tree_map(fn, obj):
@@ -184,8 +218,8 @@ def check_keys(
         raise CheckpointError(f"checkpoint {source} does not fit the model; " + "; ".join(problems))
 
 
-def _names(names: Iterable[str]) -> str:
-    names = list(names)
+def _names(names: Iterable) -> str:
+    names = [n if isinstance(n, str) else repr(n) for n in names]  # a key of another type is still named
     shown = ", ".join(names[:_MAX_LISTED])
     return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
 
@@ -453,7 +487,7 @@ def read_safetensors_header(path: Path) -> dict:
             raise bad(f"header of {n} bytes")
         try:
             header = json.loads(f.read(n))
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, not UTF-8; nested past Python's stack
             raise bad("unreadable header") from None
     if not isinstance(header, dict):
         raise bad("the header is not a mapping")
@@ -463,10 +497,10 @@ def read_safetensors_header(path: Path) -> dict:
             if not isinstance(meta, dict):
                 raise bad("__metadata__ is not a mapping")
             continue
-        if not (isinstance(meta, dict) and meta.get("dtype") in _TORCH_DTYPES and isinstance(meta.get("shape"), list)
-                and all(isinstance(d, int) and d >= 0 for d in meta["shape"])
+        if not (isinstance(meta, dict) and isinstance(meta.get("dtype"), str) and meta["dtype"] in _TORCH_DTYPES
+                and isinstance(meta.get("shape"), list) and all(_count(d) for d in meta["shape"])
                 and isinstance(meta.get("data_offsets"), list) and len(meta["data_offsets"]) == 2
-                and all(isinstance(o, int) for o in meta["data_offsets"])):
+                and all(_count(o) for o in meta["data_offsets"])):
             raise bad(f"entry {key!r} lacks a known dtype, a shape or data_offsets")
         start, end = meta["data_offsets"]
         if end - start != math.prod(meta["shape"]) * _TORCH_DTYPES[meta["dtype"]].itemsize or start < 0:
@@ -481,6 +515,11 @@ def read_safetensors_header(path: Path) -> dict:
         raise bad(f"{size} bytes where the header describes {8 + n + position} (truncated or extended)")
     header["__header_bytes__"] = n
     return header
+
+
+def _count(value) -> bool:
+    """An integer >= 0 in a JSON header (JSON's true and false are Python ints too)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def cache_path(src: Path, dtype: torch.dtype, quantize: str) -> Path:

@@ -63,9 +63,22 @@ def test_interleaved_images_and_prompts(model_dir, tiny_magma):
     [(["--top_p", "3"], "top_p must be in [0, 1]"),
      (["--image", "/no/such.png"], "does not exist"),
      (["--temprature", "1"], "did you mean '--temperature'"),
-     (["--config", "nonexistent"], "unknown config 'nonexistent'")],
+     (["--config", "nonexistent"], "unknown config 'nonexistent'"),
+     (["--device", "cuda:abc"], "device must be 'cpu', 'cuda', 'cuda:N'"),
+     (["--tensor_parallel", "2"], "launch with torchrun --nproc-per-node 2"),
+     (["--tensor_parallel", "3"], "tensor_parallel=3 must divide n_head (4)"),
+     (["--max_device_memory", "1e999"], "max_device_memory must be a finite size of at least 1 byte"),
+     (["--max_device_memory", "100"], "max_device_memory 100 bytes"),
+     (["--sequence_length", "10000000000"], "sequence_length must be at most"),
+     (["--image_timeout", "inf"], "image_timeout must be a number of seconds in (0, 86400]"),
+     (["--temperature", "nan"], "temperature must be a finite number"),
+     (["--config", "LATIN1"], "config file is not UTF-8 text (byte 0xe9)"),
+     (["--config", "BROKEN"], "broken.yml:2:1: invalid YAML:")],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(model_dir, args, message):
+    (model_dir / "latin1.yml").write_bytes(b"name: caf\xe9\n")
+    (model_dir / "broken.yml").write_text("top_p: [0.5\n")
+    args = [{"LATIN1": str(model_dir / "latin1.yml"), "BROKEN": str(model_dir / "broken.yml")}.get(a, a) for a in args]
     base = ["--config", str(model_dir / "tiny.yml"), "--prompt", "hi"]
     out = cli(*base, *args)
     assert out.returncode != 0
@@ -139,3 +152,50 @@ def test_help_names_what_each_flag_takes():
     for flag in ("--checkpoint PATH|URL|hub", "--dtype float32|bfloat16|float16|auto", "--quantize none|int8|auto",
                  "--max_device_memory BYTES", "--top_p FLOAT", "--compile true|false"):
         assert flag in out.stdout, flag
+
+
+def test_cuda_on_a_cpu_only_torch_is_one_line(model_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this torch has CUDA")
+    out = cli("--config", str(model_dir / "tiny.yml"), "--prompt", "hi", "--device", "cuda")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: device 'cuda': CUDA is not available in this torch build (torch {torch.__version__} is CPU-only); "
+        "use --device cpu or auto"]
+
+
+@pytest.fixture
+def command_line():
+    """run_inference.py's main, in this process (to plant failures in it)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        import run_inference as module
+    finally:
+        sys.path.remove(str(ROOT))
+    return module
+
+
+def test_an_unexpected_error_is_one_line_saying_where(model_dir, command_line, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug nobody checked for\nsecond line")
+
+    monkeypatch.setattr(command_line.Magma, "load", broken)
+    args = ["--config", str(model_dir / "tiny.yml"), "--prompt", "hi"]
+    assert command_line.main(args) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: unexpected RuntimeError: a bug nobody checked for (at ")
+    assert "test_cli.py:" in lines[0] and lines[0].endswith("--debug prints the traceback)")
+    assert command_line.main(args + ["--debug"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "in broken" in err
+    assert err.strip().splitlines()[-1].endswith("the traceback is above)")
+
+
+def test_an_interrupt_is_one_line_and_exit_130(model_dir, command_line, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(command_line.Magma, "load", interrupted)
+    assert command_line.main(["--config", str(model_dir / "tiny.yml"), "--prompt", "hi"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"

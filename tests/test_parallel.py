@@ -2,6 +2,7 @@
 at the prefill and at every cached decode step, and the same tokens."""
 
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from magma_ipu.parallel import shard, split_of
 from magma_ipu.quantize import quantize_int8
@@ -39,7 +41,7 @@ def written_model(tiny_magma, tmp_path_factory):
     return folder
 
 
-def run_ranks(folder: Path, world: int, config, extra: str = "") -> dict:
+def write_config(folder: Path, world: int, config, extra: str = "") -> Path:
     m = config.model
     (folder / f"tp{world}.yml").write_text(extra + "\n" +
         f"model: {{n_layer: {m.n_layer}, d_model: {m.d_model}, n_head: {m.n_head}, rotary_dim: {m.rotary_dim},\n"
@@ -48,16 +50,25 @@ def run_ranks(folder: Path, world: int, config, extra: str = "") -> dict:
         f"sequence_length: {config.sequence_length}\ncheckpoint: ./model.pt\ntokenizer: ./tokenizer.json\n"
         f"tensor_parallel: {world}\n"
     )
+    return folder / f"tp{world}.yml"
+
+
+def torchrun(world: int, *args: str) -> subprocess.CompletedProcess:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = folder / f"tp{world}.pt"
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
-         f"--master-port={port}", str(ROOT / "tests" / "tp_worker.py"), str(folder / f"tp{world}.yml"), str(out)],
+         f"--master-port={port}", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def run_ranks(folder: Path, world: int, config, extra: str = "") -> dict:
+    path = write_config(folder, world, config, extra)
+    out = folder / f"tp{world}.pt"
+    proc = torchrun(world, str(ROOT / "tests" / "tp_worker.py"), str(path), str(out))
+    assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr[-3000:]
     return torch.load(out)
 
 
@@ -105,3 +116,41 @@ def test_tensor_parallel_int8_joins_its_shards(tiny_magma, written_model):
     prefill, *_ = reference(Magma(tiny_magma.config, model, tiny_magma.tokenizer))
     scale = prefill[torch.isfinite(prefill)].abs().max().item()
     assert max_diff(got["prefill"], prefill) < 0.05 * scale
+
+
+# run_inference.py's main as torchrun runs it, then a report of the gloo threads still alive: each
+# must be gone, or the interpreter's exit races them and aborts ("terminate called ...")
+CLI_RANK = """
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, os.environ["PYTHONPATH"])
+from run_inference import main
+code = main(sys.argv[1:])
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+Path(__file__).with_name(f"rank{os.environ['RANK']}.json").write_text(json.dumps([n for n in names if "gloo" in n]))
+sys.exit(code)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
+def test_the_command_line_under_torchrun_prints_the_tokens_and_exits_cleanly(tiny_magma, written_model):
+    path = write_config(written_model, 2, tiny_magma.config, "temperature: 0\nmax_out_tokens: 6")
+    (written_model / "cli_rank.py").write_text(CLI_RANK)
+    image = written_model / "image.png"
+    Image.new("RGB", (60, 40), "teal").save(image)
+    proc = torchrun(2, str(written_model / "cli_rank.py"), "--config", str(path), "--image", str(image),
+                    "--prompt", "A picture of", "--json")
+    assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr[-3000:]
+    expected = tiny_magma.generate("A picture of", image=image, temperature=0, max_out_tokens=6)
+    assert json.loads(proc.stdout)["token_ids"] == expected.token_ids  # rank 0 alone prints
+    left = {rank: json.loads((written_model / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    assert left == {0: [], 1: []}, f"gloo threads alive after main: {left}"
+
+
+def test_indivisible_sizes_are_a_config_error(tiny_magma):
+    from magma_ipu import ConfigError
+    from magma_ipu.parallel import check_divisible
+
+    with pytest.raises(ConfigError, match=r"tensor_parallel=3 must divide n_head \(4\), d_ff \(256\)"):
+        check_divisible(tiny_magma.model, 3)
+    check_divisible(tiny_magma.model, 2)

@@ -151,3 +151,66 @@ def test_a_bad_checkpoint_is_not_converted(tiny_magma, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="1 missing: lm.lm_head.bias"):
         converted_checkpoint(fresh, tmp_path / "bad.pt", torch.float32)
     assert not list((tmp_path / "cache").rglob("*.safetensors*"))
+
+
+def fresh_model(tiny_magma):
+    with torch.device("meta"):
+        return MagmaModel(tiny_magma.config.model)
+
+
+KEY = "image_prefix.proj.weight"
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize(
+    "change, pattern",
+    [(lambda s: s.update({7: torch.zeros(1)}), r"has keys that are not strings: 7$"),
+     (lambda s: s.update({("a", 1): torch.zeros(1)}), r"has keys that are not strings: \('a', 1\)$"),
+     (lambda s: s.update({"extra": [1, 2]}), r"has entries that are not tensors: extra$"),
+     (lambda s: s.update({KEY: s[KEY].to_sparse()}), rf"has sparse tensors \(only dense ones can be loaded\): {KEY}$"),
+     (lambda s: s.update({KEY: s[KEY].to_sparse_csr()}), rf"has sparse tensors .*: {KEY}$"),
+     (lambda s: s.update({KEY: torch.empty_like(s[KEY], device="meta")}),
+      rf"has tensors without data \(saved from the meta device\): {KEY}$")],
+)
+def test_entries_that_cannot_be_weights_are_named(tiny_magma, tmp_path, change, pattern, legacy):
+    state = dict(tiny_magma.model.state_dict())
+    change(state)
+    torch.save({"module": state}, tmp_path / "odd.pt", _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match=pattern):
+        load_checkpoint(fresh_model(tiny_magma), tmp_path / "odd.pt", torch.float32, "cpu")
+
+
+def test_a_key_of_another_type_is_named_in_the_key_report():
+    from magma_ipu.weights import check_keys
+
+    with pytest.raises(CheckpointError, match=r"1 missing: a; 2 unexpected: 3, \('b', 4\)"):
+        check_keys({"a": torch.Size([1])}, {3: torch.zeros(1), ("b", 4): torch.zeros(1)}, "'x'")
+
+
+def safetensors_file(path, header, data=b""):
+    import json
+    import struct
+
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "header, data, why",
+    [([1, 2], b"", "the header is not a mapping"),
+     ({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4, "entry 'a' lacks a known dtype, a shape or data_offsets"),
+     ({"a": {"dtype": "F32", "shape": ["1"], "data_offsets": ["0", "4"]}}, b"\0" * 4, "entry 'a' lacks"),
+     ({"a": {"dtype": "F32", "shape": [True], "data_offsets": [False, 4]}}, b"\0" * 4, "entry 'a' lacks"),
+     ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "entry 'a' lacks"),
+     ({"a": {"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "entry 'a' lacks"),
+     ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4.0]}}, b"\0" * 4, "entry 'a' lacks"),
+     ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "entry 'a' lacks"),
+     ({"a": "F32"}, b"", "entry 'a' lacks"),
+     (b"[" * 100_000, b"", "unreadable header"),
+     (b"\xff\xfe{}", b"", "unreadable header")],
+)
+def test_malformed_safetensors_headers_are_refused(tiny_magma, tmp_path, header, data, why):
+    path = safetensors_file(tmp_path / "odd.safetensors", header, data)
+    with pytest.raises(CheckpointError, match=rf"is not a valid safetensors file \({why}"):
+        load_checkpoint(fresh_model(tiny_magma), path, torch.float32, "cpu")
