@@ -80,8 +80,12 @@ def build_model(config: MagmaConfig, checkpoint: str | Path | None, progress: bo
         device = "cpu"  # PhasedBlocks below decides what goes to the device
     load_checkpoint(model, checkpoint, dtype, device, progress=progress and rank == 0, rank=rank, world=world)
     model.eval()
+    loaded = list(model.state_dict().values())
     image_prefix_in_float32(model, config)
     convert_linears(model, config)
+    for tensor in loaded:  # what was copied (packed, converted) leaves the resident set; the rest is read again on use
+        _release_pages(tensor)
+    del loaded
     if config.tensor_parallel > 1:
         from .parallel import join_shards
 

@@ -276,9 +276,9 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
                        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                        torch.uint8: "U8", torch.bool: "BOOL"}
 _TORCH_DTYPES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
-CACHE_FORMAT = "1"
+CACHE_FORMAT = "1"  # bumped whenever what a cache file holds changes; older files are rebuilt
 ALIGNMENT = 64
-PADDING = "__padding__."  # safetensors entries that only fill the gaps between aligned tensors  # bumped whenever what a cache file holds changes; older files are rebuilt
+PADDING = "__padding__."  # safetensors entries that only fill the gaps between aligned tensors
 
 
 def _release_pages(tensor: torch.Tensor) -> None:
