@@ -267,13 +267,17 @@ def raw(data: bytes):
 def test_protocol_and_socket_errors_are_download_errors(http_server, tmp_path, path, data, pattern):
     if data is not None:
         http_server.routes[path] = raw(data)
-    url = http_server.url(path)
+    assert_both_refuse(http_server.url(path), pattern, tmp_path)
+
+
+def assert_both_refuse(url: str, pattern: str, folder) -> None:
+    """fetch_bytes and download_url both raise one line naming `url`; no file is left."""
     for call in (lambda: fetch_bytes(url, timeout=5, max_bytes=1 << 20),
-                 lambda: download_url(url, tmp_path / "w.pt", timeout=5)):
+                 lambda: download_url(url, folder / "w.pt", timeout=5)):
         with pytest.raises(DownloadError, match=pattern) as info:
             call()
         assert url in str(info.value) and "\n" not in str(info.value)
-    assert not (tmp_path / "w.pt").exists()
+    assert not (folder / "w.pt").exists()
 
 
 @pytest.mark.parametrize("url, pattern", [
@@ -283,12 +287,7 @@ def test_protocol_and_socket_errors_are_download_errors(http_server, tmp_path, p
     ("file:///etc/passwd", "only http:// and https://"),
 ], ids=["port-out-of-range", "unencodable-host", "ftp", "file"])
 def test_bad_urls_are_download_errors(tmp_path, url, pattern):
-    for call in (lambda: fetch_bytes(url, timeout=5, max_bytes=1 << 20),
-                 lambda: download_url(url, tmp_path / "w.pt", timeout=5)):
-        with pytest.raises(DownloadError, match=pattern) as info:
-            call()
-        assert url in str(info.value) and "\n" not in str(info.value)
-    assert not (tmp_path / "w.pt").exists()
+    assert_both_refuse(url, pattern, tmp_path)
 
 
 def test_download_follows_redirects_only_to_http(http_server, tmp_path):
