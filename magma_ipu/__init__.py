@@ -44,14 +44,16 @@ def run_inference(
     tokenizer: Tokenizer,
     image_url: ImageInput,
     text_prompt: str,
-    seed: int = 0,
-    top_p: float = 0.9,
-    top_k: int = 0,
-    temperature: float = 0.7,
-    max_out_tokens: int = 6,
+    seed: int | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    temperature: float | None = None,
+    max_out_tokens: int | None = None,
     **unknown: Any,
 ) -> str:
-    """Caption or answer about one image; returns the generated text (special tokens removed)."""
+    """Caption or answer about one image; returns the generated text (special tokens removed, the
+    prompt not included), as the command line's `text`. A sampling setting left out (None) is the
+    session config's, as on the command line."""
     if unknown:  # a SamplingError with a did-you-mean, where Python would say only "unexpected keyword"
         name = next(iter(unknown))
         raise SamplingError(f"run_inference got an unknown keyword argument {name!r}{_suggest(name, _RUN_ARGUMENTS)}; "

@@ -199,3 +199,17 @@ def test_an_interrupt_is_one_line_and_exit_130(model_dir, command_line, monkeypa
     monkeypatch.setattr(command_line.Magma, "load", interrupted)
     assert command_line.main(["--config", str(model_dir / "tiny.yml"), "--prompt", "hi"]) == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_run_inference_answers_as_the_command_line_does(model_dir):
+    """The demo's call and the command line share their defaults (the config's) and their text."""
+    config_path = str(model_dir / "tiny.yml")
+    session, config, tokenizer = init_inference_session(config_path)
+    for settings, flags in (({}, []), ({"temperature": 1.0, "seed": 3, "max_out_tokens": 5},
+                                       ["--temperature", "1.0", "--seed", "3", "--max_out_tokens", "5"])):
+        text = run_inference(session, config, tokenizer, str(model_dir / "img.png"), "A picture of", **settings)
+        out = cli("--config", config_path, "--image", str(model_dir / "img.png"), "--prompt", "A picture of",
+                  "--json", *flags)
+        assert out.returncode == 0, out.stderr
+        assert text == json.loads(out.stdout)["text"]
+        assert not text.startswith("A picture of")
