@@ -197,7 +197,7 @@ class Engine:
     def _attended(self, slot: int, step_fn) -> int:
         """How many cache slots a decode step at `slot` reads: exactly the filled ones, or for the
         compiled step the next power of two (a few shapes to compile, at most twice the reads)."""
-        if step_fn is self._decode_step:
+        if step_fn == self._decode_step:  # bound methods: equal, never identical
             return slot + 1
         return min(self.key_valid.shape[1], max(64, 1 << slot.bit_length()))
 

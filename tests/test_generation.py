@@ -322,3 +322,25 @@ def test_a_compiled_engine_raises_and_then_recovers_with_mended_weights(own_magm
     # this prefill fills fewer slots, and the compiled decode step reads them all (masking the
     # unfilled ones): NaN left there by the failed request would spoil every row
     assert engine.generate([request], settings, [0], capacity=capacity)[0].token_ids == expected
+
+
+def test_eager_decoding_reads_exactly_the_filled_cache_slots(tiny_magma):
+    from magma_ipu.generation import Engine
+    from magma_ipu.sampling import SamplingSettings
+
+    engine = Engine(tiny_magma.model, tiny_magma.tokenizer.eos_id, tiny_magma.engine.banned_ids)
+    request = tiny_magma.request("A picture of", "demo_example_images/scene_1.png", 6)
+    read = []
+    forward = tiny_magma.model.forward
+
+    def recording(embeds, slots, positions, key_valid):
+        if embeds.shape[1] == 1:  # a decode step: the slot it writes and the slots it reads
+            read.append((int(slots[0]), key_valid.shape[1]))
+        return forward(embeds, slots, positions, key_valid)
+
+    tiny_magma.model.forward = recording
+    try:
+        engine.generate([request], SamplingSettings(temperature=0, max_out_tokens=6), [0], capacity=64)
+    finally:
+        del tiny_magma.model.forward
+    assert read and all(width == slot + 1 for slot, width in read)
