@@ -21,7 +21,7 @@ at toy size, trained on drawn scenes of coloured shapes. It runs on a laptop CPU
 the real model by changing `MODEL` below."""),
     new_code_cell("""from magma_ipu import init_inference_session, run_inference
 
-MODEL = "demo"          # or "magma_v1_500" / "magma_v1_1024" (GPT-J 6B: a GPU and the 13 GB checkpoint)
+MODEL = "demo"          # or "magma_v1_500" / "magma_v1_1024" (GPT-J 6B and its 13 GB checkpoint)
 CHECKPOINT = None       # demo: the embedded weights; real model: a path to magma_demo.pt, or None for the hub
 OVERRIDES = {}          # any config field, e.g. {"device": "cuda", "dtype": "bfloat16", "quantize": "int8"}
 
@@ -52,12 +52,15 @@ app.run().text  # a first caption, for the image the dropdown shows"""),
               seed=0, top_p=0.9, top_k=0, temperature=0.0, max_out_tokens=40)"""),
     new_code_cell("""session.generate("Q: What colour is the background? A:", image="demo_example_images/scene_1.png",
                  temperature=0, max_out_tokens=4).text"""),
-    new_markdown_cell("""## On a GPU
+    new_markdown_cell("""## The real model
 
-The same code runs the real model on CUDA: `init_inference_session("magma_v1_500", checkpoint_path=...,
-device="cuda", dtype="bfloat16")`. Add `quantize="int8"` for int8 weights, and `compile=True` to capture the
-decode step with `torch.compile` (CUDA graphs on CUDA). The checkpoint is read with torch's safe
-`weights_only` loader, memory-mapped, and converted tensor by tensor, so loading never holds two copies.
+The same code runs MAGMA v1: `init_inference_session("magma_v1_500", checkpoint_path=...)`. With no
+overrides it chooses for the machine and says so: float16 on a GPU, or int8 on a CPU when it fits (about
+7.5 GB of memory; a first start converts the checkpoint into a 7.5 GB int8 cache, later starts map it).
+Before anything slow it checks memory and disk, and says what would fit if the choice does not. Overrides
+win: `device="cuda", quantize="int8"` for int8 weights on a GPU, `compile=True` to capture the decode step
+with `torch.compile` (CUDA graphs on CUDA). The checkpoint is read with torch's safe `weights_only` loader
+through a read-only mapping, so loading never holds two copies.
 
 A GPU smaller than the model: `max_device_memory="6GiB"` keeps what does not fit in host memory and streams
 it block by block (works here). Several GPUs: tensor parallelism needs one process per GPU, which one
