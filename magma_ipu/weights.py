@@ -43,6 +43,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {str(path)!r} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is empty (an interrupted download or copy?)")
     if path.suffix == ".safetensors":
         return mmap_safetensors(path)
     try:

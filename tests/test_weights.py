@@ -214,3 +214,12 @@ def test_malformed_safetensors_headers_are_refused(tiny_magma, tmp_path, header,
     path = safetensors_file(tmp_path / "odd.safetensors", header, data)
     with pytest.raises(CheckpointError, match=rf"is not a valid safetensors file \({why}"):
         load_checkpoint(fresh_model(tiny_magma), path, torch.float32, "cpu")
+
+
+def test_an_empty_checkpoint_file_is_called_empty(tmp_path):
+    from magma_ipu.weights import read_state_dict
+
+    for name in ("empty.pt", "empty.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+        with pytest.raises(CheckpointError, match="is empty"):
+            read_state_dict(tmp_path / name)
