@@ -28,14 +28,14 @@ from .weights import (
     _release_pages,
     cache_path,
     cached_conversion,
-    canonical_keys,
     check_keys,
+    checked_state,
     load_checkpoint,
     load_into,
     mmap_safetensors,
     progress_bar,
+    quantized_layout,
     quantized_tensors,
-    read_state_dict,
 )
 
 
@@ -136,10 +136,8 @@ def _load_int8(model: MagmaModel, config: MagmaConfig, checkpoint: Path, dtype: 
         tensors = mmap_safetensors(cached)
         source = repr(str(cached))
     else:
-        state = canonical_keys(read_state_dict(checkpoint))
-        check_keys({k: v.shape for k, v in model.state_dict().items()}, state, source)
-        tensors = dict(quantized_tensors(model, state, dtype))
-    expected = dict(quantized_tensors(model, _meta_like(model), dtype))
+        tensors = dict(quantized_tensors(model, checked_state(model, checkpoint), dtype))
+    expected = quantized_layout(model, model.state_dict(), dtype)
     check_keys({k: t.shape for k, t in expected.items()}, tensors, source, {k: t.dtype for k, t in expected.items()})
     load_int8(model, tensors, method, dtype, config.device, release=_release_pages,
               progress=lambda layers, total: progress_bar(layers, progress, "loading int8 layers", "layer", total))
@@ -161,10 +159,6 @@ def release_after_each_use(module: nn.Module) -> None:
             _release_pages(tensor)
 
     module.register_forward_hook(release)
-
-
-def _meta_like(model: MagmaModel) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in model.state_dict().items()}
 
 
 def image_prefix_in_float32(model: MagmaModel, config: MagmaConfig) -> None:

@@ -146,14 +146,11 @@ def _map_read_only(path: Path) -> torch.Tensor:
     import mmap
     import warnings
 
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return torch.empty(0, dtype=torch.uint8)
+    with open(path, "rb") as f:  # callers refuse empty files first: mmap cannot map zero bytes
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     with warnings.catch_warnings():  # torch warns that the buffer is not writable: that is the point
         warnings.simplefilter("ignore", UserWarning)
-        data = torch.frombuffer(mapped, dtype=torch.uint8)
-    return data
+        return torch.frombuffer(mapped, dtype=torch.uint8)
 
 
 def _in_read_only_file_mapping(start: int, end: int) -> bool:
@@ -224,6 +221,13 @@ def _names(names: Iterable) -> str:
     names = [n if isinstance(n, str) else repr(n) for n in names]  # a key of another type is still named
     shown = ", ".join(names[:_MAX_LISTED])
     return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
+
+
+def checked_state(model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of checkpoint `path` under `model`'s key names, checked to fit it (check_keys)."""
+    state = canonical_keys(read_state_dict(path))
+    check_keys({k: v.shape for k, v in model.state_dict().items()}, state, repr(str(path)))
+    return state
 
 
 def load_into(
@@ -363,10 +367,8 @@ def convert_to_safetensors(
 ) -> Path:
     """Write `src` (any supported checkpoint) as a safetensors file of `model`'s keys in `dtype`."""
     src, dst = Path(src), Path(dst)
-    state = canonical_keys(read_state_dict(src))
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_keys(expected, state, repr(str(src)))
-    keys = [k for k in expected if k in state]
+    state = checked_state(model, src)
+    keys = [k for k in model.state_dict() if k in state]
     specs = {k: (dtype if state[k].is_floating_point() else state[k].dtype, tuple(state[k].shape)) for k in keys}
 
     def tensors():
@@ -418,16 +420,21 @@ def quantized_tensors(
         _release_pages(tensor)
 
 
+def quantized_layout(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """What quantized_tensors makes of `state` (any tensors of the right keys and shapes), as
+    `meta` tensors: names, shapes and dtypes, computed without touching any data."""
+    meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
+    return dict(quantized_tensors(model, meta, dtype))
+
+
 def quantize_to_safetensors(
     model: nn.Module, src: str | Path, dst: str | Path, dtype: torch.dtype, progress: bool = False
 ) -> Path:
     """Write `src` as a safetensors file of int8 linear layers and `dtype` rest (quantized_tensors),
     streaming from the fp16 source: never a float copy of the whole model."""
     src, dst = Path(src), Path(dst)
-    state = canonical_keys(read_state_dict(src))
-    check_keys({k: v.shape for k, v in model.state_dict().items()}, state, repr(str(src)))
-    meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
-    specs = {k: (t.dtype, tuple(t.shape)) for k, t in quantized_tensors(model, meta, dtype)}
+    state = checked_state(model, src)
+    specs = {k: (t.dtype, tuple(t.shape)) for k, t in quantized_layout(model, state, dtype).items()}
     blocks = len(model.lm.transformer.h)
     tensors = quantized_tensors(model, state, dtype)
     if progress:
@@ -555,8 +562,3 @@ def cached_conversion(
             print(f"the cached conversion {str(dst)!r} is damaged or outdated: making it again", file=sys.stderr)
     write = quantize_to_safetensors if quantize == "int8" else convert_to_safetensors
     return write(model, src, dst, dtype, progress=progress)
-
-
-def converted_checkpoint(model: nn.Module, src: Path, dtype: torch.dtype, progress: bool = False) -> Path:
-    """The safetensors conversion of `src` in `dtype` (see cached_conversion)."""
-    return cached_conversion(model, src, dtype, "none", progress)

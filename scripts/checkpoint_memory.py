@@ -41,14 +41,14 @@ def child(step: str, config_name: str, src: str, dtype: str) -> None:
     from magma_ipu.config import load_config
     from magma_ipu.model import MagmaModel
     from magma_ipu.config import torch_dtype
-    from magma_ipu.weights import converted_checkpoint, load_checkpoint
+    from magma_ipu.weights import cached_conversion, load_checkpoint
 
     cfg = load_config(config_name).model
     with torch.device("meta"):
         model = MagmaModel(cfg)
     baseline = _status_bytes("VmRSS")  # interpreter, torch, libraries
     start = time.perf_counter()
-    converted = converted_checkpoint(model, Path(src), torch_dtype(dtype))
+    converted = cached_conversion(model, Path(src), torch_dtype(dtype))
     if step == "load":
         load_checkpoint(model, converted, torch_dtype(dtype), "cpu")
         for t in model.state_dict().values():  # read every weight once, as a forward pass would

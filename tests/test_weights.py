@@ -140,7 +140,7 @@ def test_first_load_converts_once_to_a_standard_safetensors_file(tiny_magma, tmp
 
 
 def test_a_bad_checkpoint_is_not_converted(tiny_magma, tmp_path, monkeypatch):
-    from magma_ipu.weights import converted_checkpoint
+    from magma_ipu.weights import cached_conversion
 
     state = dict(tiny_magma.model.state_dict())
     del state["lm.lm_head.bias"]
@@ -149,7 +149,7 @@ def test_a_bad_checkpoint_is_not_converted(tiny_magma, tmp_path, monkeypatch):
     with torch.device("meta"):
         fresh = MagmaModel(tiny_magma.config.model)
     with pytest.raises(CheckpointError, match="1 missing: lm.lm_head.bias"):
-        converted_checkpoint(fresh, tmp_path / "bad.pt", torch.float32)
+        cached_conversion(fresh, tmp_path / "bad.pt", torch.float32)
     assert not list((tmp_path / "cache").rglob("*.safetensors*"))
 
 
