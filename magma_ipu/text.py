@@ -130,22 +130,3 @@ class TextStream:
         """What `text` adds to what was emitted before (which it always starts with)."""
         piece, self.emitted = text[self.emitted :], len(text)
         return piece
-
-
-def train_byte_level_bpe(texts, vocab_size: int, extra_special: tuple[str, ...] = ()) -> Tokenizer:
-    """A GPT-2-style byte-level BPE trained on `texts`, with EOS and the image token added last
-    (as in GPT-2 + MAGMA: ..., <|endoftext|>, <|image|>); `extra_special` tokens go just before them."""
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    backend = _HFTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - 2 - len(extra_special),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(texts, trainer)
-    specials = [*extra_special, EOS_TOKEN, IMAGE_TOKEN]
-    backend.add_special_tokens([AddedToken(t, special=True) for t in specials])
-    return Tokenizer(backend)

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFilter
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from magma_ipu.scenes import draw_scene, random_scene  # noqa: E402
+from magma_ipu.demo.scenes import draw_scene, random_scene  # noqa: E402
 
 OUT = ROOT / "demo_example_images"
 SCENE_SEEDS = (101, 202, 303, 404, 505, 606, 707)

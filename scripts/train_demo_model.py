@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 from magma_ipu.config import load_config  # noqa: E402
 from magma_ipu.images import preprocess  # noqa: E402
 from magma_ipu.model import MagmaModel  # noqa: E402
-from magma_ipu.scenes import NOTATION_TOKENS, draw_scene, random_scene  # noqa: E402
-from magma_ipu.text import train_byte_level_bpe  # noqa: E402
+from magma_ipu.demo.scenes import NOTATION_TOKENS, draw_scene, random_scene  # noqa: E402
+from magma_ipu.demo.tokenizer import train_byte_level_bpe  # noqa: E402
 
 ASSETS = ROOT / "magma_ipu" / "assets" / "demo"
 
@@ -172,7 +172,7 @@ def main() -> None:
     torch.save({"module": state, "global_steps": args.text_steps + args.image_steps}, args.out / "mp_rank_00_model_states.pt")
     train_time = time.perf_counter() - t0
 
-    from magma_ipu.evaluation import evaluate_demo  # the held-out check, on the saved files
+    from magma_ipu.demo.evaluation import evaluate_demo  # the held-out check, on the saved files
 
     metrics = evaluate_demo(scenes=200, seed=10_000_019)
     print(json.dumps({

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from magma_ipu.config import MagmaConfig, ModelConfig
-from magma_ipu.scenes import random_scene
+from magma_ipu.demo.scenes import random_scene
 from magma_ipu.build import build_model
 from magma_ipu.session import Magma
-from magma_ipu.text import train_byte_level_bpe
+from magma_ipu.demo.tokenizer import train_byte_level_bpe
 
 torch.set_num_threads(2)
 

@@ -3,8 +3,8 @@
 import json
 from pathlib import Path
 
-from magma_ipu.evaluation import evaluate_demo
-from magma_ipu.scenes import names_objects
+from magma_ipu.demo.evaluation import evaluate_demo
+from magma_ipu.demo.scenes import names_objects
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def test_demo_images_get_their_true_captions(demo_magma):
 
 
 def test_names_objects_needs_colour_and_shape_together():
-    from magma_ipu.scenes import Scene, SceneObject
+    from magma_ipu.demo.scenes import Scene, SceneObject
 
     scene = Scene("white", (SceneObject("circle", "red", "small", 0.2, 0.2), SceneObject("star", "blue", "large", 0.8, 0.8)))
     assert names_objects(" a small red circle to the left of a large blue star.", scene) == [True, True]
@@ -45,7 +45,7 @@ def test_names_objects_needs_colour_and_shape_together():
 
 
 def test_scene_notation_puts_each_object_in_its_grid_cell():
-    from magma_ipu.scenes import Scene, SceneObject
+    from magma_ipu.demo.scenes import Scene, SceneObject
 
     scene = Scene("grey", (SceneObject("circle", "red", "small", 0.15, 0.2), SceneObject("star", "blue", "large", 0.5, 0.85)))
     cells = scene.notation().replace("|><|", "|>\n<|").splitlines()
@@ -66,7 +66,7 @@ def test_demo_model_never_writes_notation_tokens(demo_magma):
 def test_scenes_json_matches_the_scene_generator():
     import random
 
-    from magma_ipu.scenes import random_scene
+    from magma_ipu.demo.scenes import random_scene
 
     truth = json.loads((ROOT / "demo_example_images" / "scenes.json").read_text())
     for entry in truth.values():

@@ -5,7 +5,8 @@ import random
 import pytest
 
 from magma_ipu import ConfigError
-from magma_ipu.text import TextStream, Tokenizer, _settled_length, clean_up_spaces, train_byte_level_bpe
+from magma_ipu.demo.tokenizer import train_byte_level_bpe
+from magma_ipu.text import TextStream, Tokenizer, _settled_length, clean_up_spaces
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
+from ..session import Magma
 from .scenes import CAPTION_PROMPT, draw_scene, names_objects, random_scene
-from .session import Magma
 
 
 def evaluate_demo(scenes: int = 200, seed: int = 10_000_019, magma: Magma | None = None) -> dict:
