@@ -28,6 +28,7 @@ from .sampling import SamplingSettings, _shown
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")
+_SAMPLING = SamplingSettings()
 AUTO = "auto"  # device, dtype and quantize: decided at load time from the machine (resources.py)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 # Rotary angles are position x frequency in float32: past 2**16 positions their rounding error
@@ -111,12 +112,19 @@ class MagmaConfig:
     image_timeout: float = 10.0  # seconds to wait for an image server
     max_image_bytes: int = 50_000_000  # larger image files are refused while streaming
     max_image_pixels: int = 64_000_000  # decompression-bomb guard, checked before decoding
-    seed: int = 0
-    top_p: float = 0.9
-    top_k: int = 0
-    temperature: float = 0.7
-    max_out_tokens: int = 6
+    # the sampling defaults of every call; a config without them takes SamplingSettings' own
+    seed: int = _SAMPLING.seed
+    top_p: float = _SAMPLING.top_p
+    top_k: int = _SAMPLING.top_k
+    temperature: float = _SAMPLING.temperature
+    max_out_tokens: int = _SAMPLING.max_out_tokens
     name: str = "custom"
+
+    def sampling(self, **overrides: Any) -> SamplingSettings:
+        """This config's sampling defaults, with `overrides` (None: keep the default); not validated."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingSettings)}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingSettings(**values)
 
     @property
     def cache_length(self) -> int:
@@ -358,7 +366,7 @@ def _validate(cfg: MagmaConfig) -> None:
                           f"not {cfg.dtype}")
     # the sampling defaults obey the same ranges as the settings of a call
     try:
-        SamplingSettings(cfg.seed, cfg.top_p, cfg.top_k, cfg.temperature, cfg.max_out_tokens).validate()
+        cfg.sampling().validate()
     except SamplingError as e:
         raise ConfigError(str(e)) from None
 

@@ -137,10 +137,7 @@ class Magma:
             raise SamplingError(f"unknown keyword argument {unknown[0]!r}"
                                 f"{_suggest(unknown[0], SAMPLING_FIELDS + CALL_ARGUMENTS)}; the sampling settings "
                                 f"are {', '.join(SAMPLING_FIELDS)}")
-        c = self.config
-        base = dict(seed=c.seed, top_p=c.top_p, top_k=c.top_k, temperature=c.temperature, max_out_tokens=c.max_out_tokens)
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return SamplingSettings(**base).validate()
+        return self.config.sampling(**overrides).validate()
 
     def open_image(self, image: ImageInput) -> Image.Image:
         """An image from a URL, path, PIL image or array, upright and within the config's size limits, in

@@ -154,6 +154,22 @@ class GPTJ(nn.Module):
         self.cfg = cfg
         self.transformer = Transformer(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.lm_head_size)
+        # per-slot tables, built for the cache (or the longest input without one), not at each step
+        for name in ("rotary_cos", "rotary_sin", "causal", "own"):
+            self.register_buffer(name, torch.empty(0, 0), persistent=False)
+
+    def _ensure_tables(self, length: int, device, dtype) -> None:
+        """Rotary cos/sin of positions 0..length-1 (length x rotary_dim/2, in the model's dtype) and
+        the slot masks (length x length: key slot <= query slot; key slot == query slot)."""
+        if self.rotary_cos.shape[0] >= length and self.rotary_cos.dtype == dtype and self.rotary_cos.device == device:
+            return
+        rot = self.cfg.rotary_dim
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, rot, 2, device=device).float() / rot)
+        angles = torch.arange(length, device=device).float()[:, None] * inv_freq
+        self.rotary_cos, self.rotary_sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        slots = torch.arange(length, device=device)
+        self.causal = slots[None, :] <= slots[:, None]
+        self.own = slots[None, :] == slots[:, None]
 
     def setup_caches(self, batch: int, length: int) -> None:
         """Allocate a static cache of `length` slots per row; the forward then writes into it."""
@@ -161,6 +177,7 @@ class GPTJ(nn.Module):
         for block in self.transformer.h:
             attention = block.attn["attention"]  # its own head count: fewer under tensor parallelism
             attention.kv_cache = KVCache(batch, attention.n_head, length, attention.head_dim, w.dtype, w.device)
+        self._ensure_tables(length, w.device, w.dtype)
 
     def clear_caches(self) -> None:
         for block in self.transformer.h:
@@ -195,17 +212,12 @@ class GPTJ(nn.Module):
         key_valid: B x S, which slots hold real inputs (S: the first S slots of the cache, or T
         without a cache; keys beyond S are not read).
         """
-        rot = self.cfg.rotary_dim
-        inv_freq = 1.0 / 10000 ** (torch.arange(0, rot, 2, device=embeds.device).float() / rot)
-        angles = positions[..., None].float() * inv_freq  # B x T x rotary_dim/2
-        cos = angles.cos().to(embeds.dtype)[:, :, None, :]
-        sin = angles.sin().to(embeds.dtype)[:, :, None, :]
+        self._ensure_tables(self.cache_size[1] or embeds.shape[1], embeds.device, embeds.dtype)
         s = key_valid.shape[1]
-        key_slots = torch.arange(s, device=embeds.device)
-        causal = key_slots[None, :] <= slots[:, None]  # T x S
+        cos = self.rotary_cos[positions][:, :, None, :]  # B x T x 1 x rotary_dim/2
+        sin = self.rotary_sin[positions][:, :, None, :]
         # a padding query attends to itself only, so its row stays finite
-        own = key_slots[None, :] == slots[:, None]
-        mask = ((causal[None] & key_valid[:, None, :]) | own[None])[:, None]  # B x 1 x T x S
+        mask = ((self.causal[slots, :s][None] & key_valid[:, None, :]) | self.own[slots, :s][None])[:, None]  # B x 1 x T x S
         x = embeds
         for block in self.transformer.h:
             x = block(x, cos, sin, slots, mask)
