@@ -4,7 +4,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from magma_ipu.model.gptj import apply_rotary
 from magma_ipu.sampling import SamplingSettings
 
 SETTINGS = dict(seed=3, temperature=1.3, top_p=0.6, top_k=40, max_out_tokens=8)
@@ -47,6 +46,16 @@ def test_explaining_does_not_change_the_tokens(tiny_magma):
     assert plain.token_ids == explained.token_ids and plain.explanations is None
 
 
+def rotate_pairs(x, cos, sin):
+    """GPT-J's rotary written out: dims (2i, 2i+1) of the first rotary_dim turn by angle i."""
+    out = x.clone()
+    rot = cos.shape[-1] * 2
+    even, odd = x[..., 0:rot:2], x[..., 1:rot:2]
+    out[..., 0:rot:2] = even * cos - odd * sin
+    out[..., 1:rot:2] = odd * cos + even * sin
+    return out
+
+
 @torch.inference_mode()
 def reference_image_attention(magma, request, grid):
     """Each layer's attention of the last position over the image positions, computed plainly
@@ -70,8 +79,8 @@ def reference_image_attention(magma, request, grid):
     for i, blk in enumerate(model.lm.transformer.h):
         att = blk.attn["attention"]
         h = inputs[i]
-        q = apply_rotary(att.q_proj(h).view(1, t, cfg.n_head, -1), cos, sin)[0, -1]  # H x hd
-        k = apply_rotary(att.k_proj(h).view(1, t, cfg.n_head, -1), cos, sin)[0]  # T x H x hd
+        q = rotate_pairs(att.q_proj(h).view(1, t, cfg.n_head, -1), cos, sin)[0, -1]  # H x hd
+        k = rotate_pairs(att.k_proj(h).view(1, t, cfg.n_head, -1), cos, sin)[0]  # T x H x hd
         weights = torch.einsum("hd,thd->ht", q, k).div(cfg.head_dim**0.5).softmax(-1).mean(0)  # T
         cells = torch.empty(grid, grid)
         for r in range(grid):

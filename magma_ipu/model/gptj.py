@@ -36,13 +36,13 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: B x T x H x hd;  cos, sin: B x T x 1 x rotary_dim/2. Pairs (2i, 2i+1) rotate together.
-    rot = cos.shape[-1] * 2
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    even, odd = x_rot[..., 0::2], x_rot[..., 1::2]
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-    return torch.cat((rotated, x_pass), dim=-1)
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    # x: B x T x H x hd;  rotation: B x T x 1 x rotary_dim/2, complex64 (cos + i sin of each angle).
+    # Pairs (2i, 2i+1) of the first rotary_dim dims rotate together: as complex numbers, one product.
+    rot = rotation.shape[-1] * 2
+    pairs = torch.view_as_complex(x[..., :rot].float().unflatten(-1, (-1, 2)))
+    rotated = torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+    return rotated if rot == x.shape[-1] else torch.cat((rotated, x[..., rot:]), dim=-1)
 
 
 class Attention(nn.Module):
@@ -57,11 +57,12 @@ class Attention(nn.Module):
         # set by GPTJ.capturing_attention for one computation: the list this layer appends its weights to
         self.capture: list[torch.Tensor] | None = None
 
-    def forward(self, q, k, v, cos, sin, slots, mask):
-        # q, k, v: B x T x H*hd projections (see Block.projections);  mask: B x 1 x T x S (True = may attend)
+    def forward(self, q, k, v, rotation, slots, mask):
+        # q, k, v: B x T x H*hd projections (see Block.projections);  mask: B x 1 x T x S, added to
+        # the scores (0 = may attend, -inf = may not)
         b, t, _ = q.shape
-        q = apply_rotary(q.view(b, t, self.n_head, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(b, t, self.n_head, self.head_dim), cos, sin)
+        q = apply_rotary(q.view(b, t, self.n_head, self.head_dim), rotation)
+        k = apply_rotary(k.view(b, t, self.n_head, self.head_dim), rotation)
         v = v.view(b, t, self.n_head, self.head_dim)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # B x H x T x hd
         if self.kv_cache is not None:
@@ -70,7 +71,7 @@ class Attention(nn.Module):
             k, v = k[:, :, :live], v[:, :, :live]  # B x H x S x hd
         if self.capture is not None:  # the same attention, written out so its weights can be kept
             scores = (q @ k.transpose(-2, -1)) / self.head_dim**0.5
-            weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+            weights = (scores + mask).softmax(dim=-1)
             self.capture.append(weights[:, :, -1].float())
             y = weights @ v
         else:
@@ -134,10 +135,10 @@ class Block(nn.Module):
         self.fused_in = fused
         del attention.q_proj, attention.k_proj, attention.v_proj, ff.c_fc
 
-    def forward(self, x, cos, sin, slots, mask):
+    def forward(self, x, rotation, slots, mask):
         h = self.ln_1(x)
         q, k, v, pre = self.projections(h)
-        return x + self.attn["attention"](q, k, v, cos, sin, slots, mask) + self.mlp(pre)
+        return x + self.attn["attention"](q, k, v, rotation, slots, mask) + self.mlp(pre)
 
 
 class Transformer(nn.Module):
@@ -155,18 +156,20 @@ class GPTJ(nn.Module):
         self.transformer = Transformer(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.lm_head_size)
         # per-slot tables, built for the cache (or the longest input without one), not at each step
-        for name in ("rotary_cos", "rotary_sin", "causal", "own"):
-            self.register_buffer(name, torch.empty(0, 0), persistent=False)
+        self.register_buffer("rotation", torch.empty(0, 0, dtype=torch.complex64), persistent=False)
+        for name in ("causal", "own"):
+            self.register_buffer(name, torch.empty(0, 0, dtype=torch.bool), persistent=False)
 
-    def _ensure_tables(self, length: int, device, dtype) -> None:
-        """Rotary cos/sin of positions 0..length-1 (length x rotary_dim/2, in the model's dtype) and
-        the slot masks (length x length: key slot <= query slot; key slot == query slot)."""
-        if self.rotary_cos.shape[0] >= length and self.rotary_cos.dtype == dtype and self.rotary_cos.device == device:
+    def _ensure_tables(self, length: int, device) -> None:
+        """The rotary rotation of positions 0..length-1 (length x rotary_dim/2: cos + i sin of each
+        angle, float32 whatever the model's dtype) and the slot masks (length x length: key slot <=
+        query slot; key slot == query slot)."""
+        if self.rotation.shape[0] >= length and self.rotation.device == device:
             return
         rot = self.cfg.rotary_dim
         inv_freq = 1.0 / 10000 ** (torch.arange(0, rot, 2, device=device).float() / rot)
         angles = torch.arange(length, device=device).float()[:, None] * inv_freq
-        self.rotary_cos, self.rotary_sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        self.rotation = torch.polar(torch.ones_like(angles), angles)
         slots = torch.arange(length, device=device)
         self.causal = slots[None, :] <= slots[:, None]
         self.own = slots[None, :] == slots[:, None]
@@ -177,7 +180,7 @@ class GPTJ(nn.Module):
         for block in self.transformer.h:
             attention = block.attn["attention"]  # its own head count: fewer under tensor parallelism
             attention.kv_cache = KVCache(batch, attention.n_head, length, attention.head_dim, w.dtype, w.device)
-        self._ensure_tables(length, w.device, w.dtype)
+        self._ensure_tables(length, w.device)
 
     def clear_caches(self) -> None:
         for block in self.transformer.h:
@@ -212,13 +215,15 @@ class GPTJ(nn.Module):
         key_valid: B x S, which slots hold real inputs (S: the first S slots of the cache, or T
         without a cache; keys beyond S are not read).
         """
-        self._ensure_tables(self.cache_size[1] or embeds.shape[1], embeds.device, embeds.dtype)
+        self._ensure_tables(self.cache_size[1] or embeds.shape[1], embeds.device)
         s = key_valid.shape[1]
-        cos = self.rotary_cos[positions][:, :, None, :]  # B x T x 1 x rotary_dim/2
-        sin = self.rotary_sin[positions][:, :, None, :]
+        rotation = self.rotation[positions][:, :, None, :]  # B x T x 1 x rotary_dim/2
         # a padding query attends to itself only, so its row stays finite
-        mask = ((self.causal[slots, :s][None] & key_valid[:, None, :]) | self.own[slots, :s][None])[:, None]  # B x 1 x T x S
+        allowed = (self.causal[slots, :s][None] & key_valid[:, None, :]) | self.own[slots, :s][None]  # B x T x S
+        # as an additive mask, once for all layers (a boolean one is converted by every attention call)
+        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device).masked_fill_(~allowed, float("-inf"))
+        mask = mask[:, None]  # B x 1 x T x S
         x = embeds
         for block in self.transformer.h:
-            x = block(x, cos, sin, slots, mask)
+            x = block(x, rotation, slots, mask)
         return self.transformer.ln_f(x)
