@@ -165,26 +165,29 @@ class Engine:
 
     # -- the two phases -----------------------------------------------------------------------
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits (... x V, banned ids at -inf) and their float32 sums before the ban (...): a sum
+        is finite exactly when every logit it adds is (a NaN or an inf carries through), so checking
+        it costs one reduction where counting finite logits costs four passes."""
         logits = self.model.logits(hidden)
+        sums = logits.sum(-1, dtype=torch.float32)  # float32: float16 sums of finite logits could overflow
         if self.banned_ids:
             logits[..., self.banned_ids] = float("-inf")
-        return logits
+        return logits, sums
 
-    def _check_finite(self, logits: torch.Tensor, where: str, embeds: torch.Tensor | None = None) -> None:
-        """Raise NumericalError unless every logit that can be drawn is finite; argmax or sampling
-        would otherwise turn NaN into arbitrary tokens. Banned ids are -inf on purpose, so the finite
-        logits are counted. Called on the steps' outputs, never inside a compiled function."""
-        allowed = logits.shape[-1] - len(set(self.banned_ids))
-        per_row = logits[0].numel() // logits.shape[-1] * allowed
-        if torch.isfinite(logits).sum().item() == len(logits) * per_row:
+    def _check_finite(self, sums: torch.Tensor, where: str, embeds: torch.Tensor | None = None) -> None:
+        """Raise NumericalError unless every logit is finite (`sums`: see _logits); argmax or sampling
+        would otherwise turn NaN into arbitrary tokens. Called on the steps' outputs, never inside a
+        compiled function."""
+        finite = torch.isfinite(sums)
+        if finite.all():
             return
         # drop the cache, which now holds NaN or inf: a later request reads slots it masks out (the
         # compiled step reads past the filled ones), and a masked value still meets a weight of 0: 0 * NaN = NaN
         self.model.lm.clear_caches()
         message = f"the model's logits are NaN or infinite {where}"
-        if len(logits) > 1:
-            rows = (torch.isfinite(logits).flatten(1).sum(1) != per_row).nonzero().flatten().tolist()
+        if len(sums) > 1:
+            rows = (~finite.reshape(len(sums), -1).all(1)).nonzero().flatten().tolist()
             message += f" (batch rows {rows})"
         message += f": {LIKELY_CAUSES}."
         if embeds is not None:
@@ -204,10 +207,10 @@ class Engine:
     def _prefill_step(self, embeds: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, key_valid):
         # embeds: B x T x D; slots: T; positions, key_valid: B x T  ->  the last position's logits, B x V
         hidden = self.model(embeds, slots, positions, key_valid)
-        return self._logits(hidden[:, -1])
+        return self._logits(hidden[:, -1])  # logits B x V and their sums B
 
     def _decode_step(self, token: torch.Tensor, slot: torch.Tensor, position: torch.Tensor, key_valid):
-        # token: B; slot: 1; position: B x 1  ->  logits B x V
+        # token: B; slot: 1; position: B x 1  ->  logits B x V and their sums B
         hidden = self.model(self.model.embed_tokens(token)[:, None], slot, position, key_valid)
         return self._logits(hidden[:, -1])
 
@@ -280,8 +283,8 @@ class Engine:
         slots = torch.arange(width, device=self.device)
         step_fn = self.prefill_step if attention is None else self._prefill_step
         with self._capturing(attention):
-            logits = step_fn(embeds, slots, positions, self.key_valid[:, :width])
-        self._check_finite(logits, "in the prefill (the prompt, before token 1)", embeds)
+            logits, sums = step_fn(embeds, slots, positions, self.key_valid[:, :width])
+        self._check_finite(sums, "in the prefill (the prompt, before token 1)", embeds)
         return logits, width, pads
 
     def _step(self, token: torch.Tensor, slot: int, pads: torch.Tensor, number: int, attention: list | None = None):
@@ -292,8 +295,8 @@ class Engine:
         position = (slot_t - pads)[:, None]
         step_fn = self.decode_step if attention is None else self._decode_step
         with self._capturing(attention):
-            logits = step_fn(token, slot_t, position, self.key_valid[:, : self._attended(slot, step_fn)])
-        self._check_finite(logits, f"at token {number} (a decode step)")
+            logits, sums = step_fn(token, slot_t, position, self.key_valid[:, : self._attended(slot, step_fn)])
+        self._check_finite(sums, f"at token {number} (a decode step)")
         return logits
 
     @torch.inference_mode()
@@ -381,6 +384,6 @@ class Engine:
         slots = torch.arange(key_valid.shape[1], device=self.device)
         with self._hold():
             self.model.lm.clear_caches()  # the next request builds them again
-            logits = self._logits(self.model(embeds, slots, positions, key_valid))
-            self._check_finite(logits, "in full_logits (every position, no cache)", embeds)
+            logits, sums = self._logits(self.model(embeds, slots, positions, key_valid))
+            self._check_finite(sums, "in full_logits (every position, no cache)", embeds)
         return logits
