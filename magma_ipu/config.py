@@ -25,7 +25,7 @@ import yaml
 from .errors import ConfigError, SamplingError
 from .sampling import SamplingSettings, _shown
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # linked as configs/ at the repository root
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8")
 _SAMPLING = SamplingSettings()

@@ -166,12 +166,9 @@ def test_cuda_on_a_cpu_only_torch_is_one_line(model_dir):
 
 @pytest.fixture
 def command_line():
-    """run_inference.py's main, in this process (to plant failures in it)."""
-    sys.path.insert(0, str(ROOT))
-    try:
-        import run_inference as module
-    finally:
-        sys.path.remove(str(ROOT))
+    """The command line's module, run in this process (to plant failures in it)."""
+    import magma_ipu.cli as module
+
     return module
 
 
