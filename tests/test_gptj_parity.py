@@ -6,7 +6,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DynamicCache  # noqa: E402
 
-from magma_ipu.reference import transformers_gptj  # noqa: E402
+from magma_ipu.benchmark.reference import transformers_gptj  # noqa: E402
 
 
 @pytest.fixture(scope="module")

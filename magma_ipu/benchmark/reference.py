@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model import MagmaModel
+from ..model import MagmaModel
 
 
 class MlpWithAdapter(nn.Module):
@@ -22,8 +22,9 @@ class MlpWithAdapter(nn.Module):
 
 
 @torch.no_grad()
-def transformers_gptj(model: MagmaModel):
-    """A GPTJForCausalLM with `model.lm`'s weights (copied) and adapters (shared modules).
+def transformers_gptj(model: MagmaModel, adapters: bool = True):
+    """A GPTJForCausalLM with `model.lm`'s weights (copied) and adapters (shared modules); with
+    `adapters` false, the plain GPT-J of the same weights (what GGML's GPT-J runs).
 
     transformers sizes the embedding and the head alike, so the embedding is padded with zero rows
     up to the head's size; ids beyond vocab_size are never fed."""
@@ -48,7 +49,8 @@ def transformers_gptj(model: MagmaModel):
             getattr(theirs.attn, name).weight.copy_(getattr(attention, name).weight)
         theirs.mlp.fc_in.load_state_dict(block.mlp[0].c_fc.state_dict())
         theirs.mlp.fc_out.load_state_dict(block.mlp[0].c_proj.state_dict())
-        theirs.mlp = MlpWithAdapter(theirs.mlp, block.mlp[1].adapter)
+        if adapters:
+            theirs.mlp = MlpWithAdapter(theirs.mlp, block.mlp[1].adapter)
     hf.transformer.ln_f.load_state_dict(ours.transformer.ln_f.state_dict())
     hf.lm_head.load_state_dict(ours.lm_head.state_dict())
     return hf

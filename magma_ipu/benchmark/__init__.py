@@ -1,0 +1,1 @@
+"""Code used by the benchmark only, never by the runtime."""
