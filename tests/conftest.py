@@ -8,25 +8,9 @@ from magma_ipu.demo.scenes import random_scene
 from magma_ipu.build import build_model
 from magma_ipu.session import Magma
 from magma_ipu.demo.tokenizer import train_byte_level_bpe
+from step_recorder import recording_decode_steps
 
 torch.set_num_threads(2)
-
-
-def pytest_addoption(parser):
-    parser.addoption("--long-tests", action="store_true", help="also run the slow tests")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "long: slow test, run with --long-tests")
-
-
-def pytest_collection_modifyitems(config, items):
-    if config.getoption("--long-tests"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --long-tests")
-    for item in items:
-        if "long" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +47,13 @@ def tiny_magma(tiny_cfg, tokenizer):
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.1, 0.1)
     return Magma(tiny_cfg, model, tokenizer)
+
+
+@pytest.fixture
+def record_decode_steps():
+    """`with record_decode_steps(engine) as steps:` fills `steps` with the logits (B x V) of every
+    decode step `engine` takes inside the block, in order (the prefill is not a decode step)."""
+    return recording_decode_steps
 
 
 class LocalServer:

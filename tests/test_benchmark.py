@@ -24,25 +24,40 @@ def run_json(*args: str, launcher=(sys.executable,)) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def lm_float32_bytes_read_per_token(m) -> int:
+    """By hand, from the config's shapes: the float32 weights a oneDNN decode step reads. The word
+    embedding is a lookup, not read whole; q, k, v and c_fc are fused into one layer whose bias
+    (zero for q, k, v) is read with it."""
+    d, ff, hidden = m.d_model, m.d_ff, m.d_model // m.adapter_downsample
+    block = (2 * d                                 # ln_1 weight and bias
+             + (3 * d + ff) * d + (3 * d + ff)     # fused q, k, v, c_fc: weight and bias
+             + d * d                               # out_proj (no bias)
+             + ff * d + d                          # c_proj
+             + d * hidden + hidden + hidden * d + d)  # the adapter's two layers
+    return 4 * (m.n_layer * block + 2 * d + m.lm_head_size * d + m.lm_head_size)  # ln_f, lm_head
+
+
+DEMO_CHECKPOINT = str(ROOT / "magma_ipu" / "assets" / "demo" / "mp_rank_00_model_states.pt")
+
+
 @pytest.mark.parametrize("extra, more", [([], set()),
-                                         (["--quantize", "int8"], {"greedy_tokens_agreeing_with_float32", "max_logit_error",
-                                                                   "argmax_agreement_on_float32_path"})])
+                                         (["--quantize", "int8", "--checkpoint", DEMO_CHECKPOINT],
+                                          {"greedy_tokens_agreeing_with_float32", "max_logit_error",
+                                           "argmax_agreement_on_float32_path"})])
 def test_quick_benchmark_emits_every_field(extra, more):
     row = run_json("--threads", "2", *extra)
     assert FIELDS | more <= set(row), sorted(FIELDS | more - set(row))
     assert all(row[k] > 0 for k in FIELDS)
     assert row["new_tokens"] == 8
-    if not more:  # float32, oneDNN: every weight but the embedding, and the zero q/k/v part of the fused bias
+    if not more:  # float32 through oneDNN
         from magma_ipu.config import load_config
-        from magma_ipu.build import lm_parameters
 
-        m = load_config("demo").model
-        floats = lm_parameters(m) - m.vocab_size * m.d_model + 3 * m.d_model * m.n_layer
-        assert row["onednn"] and row["weight_bytes_per_token"] == 4 * floats
-    if more:
-        assert 0 <= row["greedy_tokens_agreeing_with_float32"] <= 8
-        assert 0 <= row["max_logit_error"] < 0.1 * row["logit_scale"]
-        assert 0 <= row["argmax_agreement_on_float32_path"] <= 1
+        assert row["onednn"]
+        assert row["weight_bytes_per_token"] == lm_float32_bytes_read_per_token(load_config("demo").model)
+    else:  # the trained demo weights in int8 keep float32's greedy tokens and every argmax along its path
+        assert row["greedy_tokens_agreeing_with_float32"] == row["new_tokens"]
+        assert row["argmax_agreement_on_float32_path"] == 1.0
+        assert 0 < row["max_logit_error"] < 0.02 * row["logit_scale"]
 
 
 def test_phased_benchmark_reports_each_budget_against_the_transfer_floor():
@@ -59,7 +74,7 @@ def test_phased_benchmark_reports_each_budget_against_the_transfer_floor():
 
 
 def test_tensor_parallel_benchmark_reports_every_rank():
-    checkpoint = str(ROOT / "magma_ipu" / "assets" / "demo" / "mp_rank_00_model_states.pt")
+    checkpoint = DEMO_CHECKPOINT
     whole = run_json("--checkpoint", checkpoint, "--skip", "reference,nocache,sweep")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,7 +84,9 @@ def test_tensor_parallel_benchmark_reports_every_rank():
     row = run_json("--checkpoint", checkpoint, "--tensor_parallel", "2", launcher=launcher)
     assert row["tensor_parallel"] == 2 and [r["rank"] for r in row["ranks"]] == [0, 1]
     assert len(row["peak_memory_mb_per_rank"]) == 2 and all(m > 0 for m in row["peak_memory_mb_per_rank"])
-    assert row["tokens_per_s"] > 0 and row["decode_ms_per_token"] >= max(r["decode_ms_per_token"] for r in row["ranks"])
+    # a token is ready when the slowest rank is: the run's figures are that rank's
+    slowest = max(r["decode_ms_per_token"] for r in row["ranks"])
+    assert row["decode_ms_per_token"] == slowest and row["tokens_per_s"] == pytest.approx(1e3 / slowest, rel=0.01)
     # each rank reads its half of the split matrices (LayerNorms and biases of row-split layers are whole)
     for r in row["ranks"]:
         assert 0.45 * whole["weight_bytes_per_token"] < r["weight_bytes_per_token"] < 0.6 * whole["weight_bytes_per_token"]

@@ -210,3 +210,24 @@ def test_run_inference_answers_as_the_command_line_does(model_dir):
         assert out.returncode == 0, out.stderr
         assert text == json.loads(out.stdout)["text"]
         assert not text.startswith("A picture of")
+
+
+def test_stream_prints_the_text_that_a_plain_run_prints(command_line, demo_magma, monkeypatch, capsys):
+    image = str(ROOT / "demo_example_images" / "scene_4.png")
+    args = ["--image", image, "--prompt", "A picture of", "--temperature", "0", "--max_out_tokens", "12"]
+    pieces = []
+    stream = command_line.Magma.stream
+
+    def counted(self, *a, **k):
+        for piece in stream(self, *a, **k):
+            pieces.append(piece)
+            yield piece
+
+    monkeypatch.setattr(command_line.Magma, "stream", counted)
+    assert command_line.main(args + ["--stream"]) == 0
+    streamed = capsys.readouterr().out
+    assert command_line.main(args) == 0
+    plain = capsys.readouterr().out
+    expected = demo_magma.generate("A picture of", image=image, temperature=0, max_out_tokens=12).text
+    assert streamed == plain == expected + "\n"
+    assert len(pieces) > 1 and "".join(pieces) == expected  # it did stream, piece by piece

@@ -25,17 +25,12 @@ def picture(seed: int, size=(80, 64)) -> Image.Image:
 
 
 @torch.inference_mode()
-def test_cached_decoding_equals_full_recomputation_at_every_step(tiny_magma):
+def test_cached_decoding_equals_full_recomputation_at_every_step(tiny_magma, record_decode_steps):
     engine = tiny_magma.engine
     request = tiny_magma.request("A picture of", picture(1), 12)
     settings = SamplingSettings(temperature=0, max_out_tokens=12)
-    captured = []
-    original = engine.decode_step
-    engine.decode_step = lambda *a: captured.append(original(*a)) or captured[-1]
-    try:
+    with record_decode_steps(engine) as captured:
         tokens = [t for (t,) in engine.tokens([request], settings, [0])]
-    finally:
-        engine.decode_step = original
     assert len(captured) == len(tokens) - 1 >= 5
     for step, cached in enumerate(captured, start=1):
         full = engine.full_logits([list(request) + [tokens[:step]]])[:, -1]
@@ -75,6 +70,17 @@ def test_seed_reproduces_and_different_seeds_differ(tiny_magma):
     others = {tuple(tiny_magma.generate("A picture of", seed=s, **kwargs).token_ids) for s in range(8, 12)}
     assert a.token_ids == b.token_ids
     assert len(others | {tuple(a.token_ids)}) > 1
+
+
+def test_a_batch_draws_each_row_with_its_own_seed(tiny_magma):
+    """One seed per prompt (a wrong count is refused: test_robustness): rows given the same seed draw
+    the same tokens, rows given different seeds differ."""
+    seeds = [7, 7, 8, 9, 10]
+    rows = tiny_magma.generate_batch(["A picture of"] * len(seeds), images=[picture(6)] * len(seeds), seeds=seeds,
+                                     temperature=1.5, top_p=1.0, max_out_tokens=16)
+    tokens = [tuple(r.token_ids) for r in rows]
+    assert tokens[0] == tokens[1]
+    assert len(set(tokens[1:])) == 4
 
 
 def test_interleaved_images_and_text_occupy_their_positions(tiny_magma):
@@ -168,7 +174,7 @@ def test_a_larger_request_after_a_small_one_reuses_or_grows_the_cache(tiny_magma
     assert again.token_ids == tiny_magma.generate("a", temperature=0, max_out_tokens=2).token_ids
 
 
-def test_compiled_decode_step_gives_the_eager_tokens(tiny_magma):
+def test_compiled_decode_step_gives_the_eager_tokens(tiny_magma, record_decode_steps):
     engine = Engine(tiny_magma.model, tiny_magma.tokenizer.eos_id, tiny_magma.engine.banned_ids, compile=True)
     ids = tiny_magma.tokenizer.encode("A picture of")
     request = [tiny_magma.image_tensor(picture(1)), ids, tiny_magma.image_tensor(picture(2)), ids]
@@ -177,11 +183,8 @@ def test_compiled_decode_step_gives_the_eager_tokens(tiny_magma):
     width = len(tiny_magma.engine.embed([request])[0])
     assert width < 64 < width + 10  # the decode crosses 64 slots: two compiled lengths (64, 128)
     settings = SamplingSettings(temperature=0, max_out_tokens=10)
-    steps = []
-    original = engine.decode_step
-    engine.decode_step = lambda *a: steps.append(original(*a)) or steps[-1]
-    compiled = engine.generate([request], settings, [0])[0].token_ids
-    engine.decode_step = original
+    with record_decode_steps(engine) as steps:
+        compiled = engine.generate([request], settings, [0])[0].token_ids
     again = engine.generate([request], SamplingSettings(temperature=0, max_out_tokens=6), [0])[0].token_ids
     eager = tiny_magma.engine.generate([request], settings, [0])[0].token_ids
     assert compiled == eager and again == eager[:6]

@@ -47,20 +47,24 @@ def test_errors_show_one_line_and_the_app_keeps_working(demo_magma, tmp_path):
     assert result is not None and objects_named(result.text, "scene_1.png") == 1.0 and app.status.value.count("⚠") == 0
 
 
-def test_sliders_and_prompts_never_reload_the_model(demo_magma, monkeypatch):
-    loads = []
-    monkeypatch.setattr(session_module, "build_model", lambda *a, **k: loads.append(a))
+def test_sliders_and_prompts_take_effect_without_reloading_the_model(demo_magma, monkeypatch):
+    from magma_ipu.model import MagmaModel
+
+    loads = []  # a reload, by any route, builds a model and reads a tokenizer again
+    monkeypatch.setattr(MagmaModel, "__init__", lambda *a, **k: loads.append(a))
     monkeypatch.setattr(session_module.Tokenizer, "load", lambda *a, **k: loads.append(a))
     app = CaptionApp(demo_magma)
-    model, engine = demo_magma.model, demo_magma.engine
-    texts = set()
+    image = ROOT / "demo_example_images" / app.image_choice.value
     for seed, temperature, top_p, top_k, prompt in [(0, 1.0, 1.0, 0, "A picture of"), (5, 1.4, 0.5, 3, "A picture"),
-                                                    (9, 0.0, 0.9, 0, "Q: How many shapes are there? A:")]:
+                                                    (9, 0.0, 0.9, 0, "Q: How many shapes are there? A:"),
+                                                    (7, 1.4, 1.0, 40, "A picture of")]:
         app.seed.value, app.temperature.value, app.top_p.value, app.top_k.value = seed, temperature, top_p, top_k
         app.prompt.value = prompt
-        texts.add(app.run().text)
-    assert loads == [] and demo_magma.model is model and demo_magma.engine is engine
-    assert len(texts) > 1
+        got = app.run()
+        want = demo_magma.generate(prompt, image=image, seed=seed, temperature=temperature, top_p=top_p, top_k=top_k,
+                                   max_out_tokens=app.max_out_tokens.value)
+        assert (got.token_ids, got.text) == (want.token_ids, want.text), (seed, temperature, top_p, top_k, prompt)
+    assert loads == [] and app.magma is demo_magma
 
 
 def test_upload_takes_the_image_from_the_widget(demo_magma):

@@ -72,19 +72,14 @@ def run_ranks(folder: Path, world: int, config, extra: str = "") -> dict:
     return torch.load(out)
 
 
-def reference(tiny_magma):
+def reference(tiny_magma, record_decode_steps):
     import numpy as np
 
     engine = tiny_magma.engine
     image = np.linspace(0, 255, 50 * 60 * 3).reshape(50, 60, 3).astype(np.uint8)
     request = tiny_magma.request("A picture of", image, 10)
-    steps = []
-    original = engine.decode_step
-    engine.decode_step = lambda *a: steps.append(original(*a)) or steps[-1]
-    try:
+    with record_decode_steps(engine) as steps:
         greedy = [t for (t,) in engine.tokens([request], SamplingSettings(temperature=0, max_out_tokens=10), [0])]
-    finally:
-        engine.decode_step = original
     sampled = tiny_magma.generate_batch(["A picture of", "Q: What colour is the star? A:"], images=[image, None],
                                         seeds=[3, 4], temperature=1.0, top_p=0.9, max_out_tokens=10)
     return engine.full_logits([request]), steps, greedy, [r.token_ids for r in sampled]
@@ -97,23 +92,21 @@ def max_diff(a, b):
 
 
 @pytest.mark.parametrize("world, onednn", [(2, True), (4, False)])
-def test_tensor_parallel_matches_one_process(tiny_magma, written_model, world, onednn):
-    if world == 4 and tiny_magma.config.model.n_head % 4:
-        pytest.skip("needs heads divisible by 4")
+def test_tensor_parallel_matches_one_process(tiny_magma, written_model, record_decode_steps, world, onednn):
     got = run_ranks(written_model, world, tiny_magma.config, f"onednn: {str(onednn).lower()}")
-    prefill, steps, greedy, sampled = reference(tiny_magma)
+    prefill, steps, greedy, sampled = reference(tiny_magma, record_decode_steps)
     assert got["local_heads"] == tiny_magma.config.model.n_head // world
     assert max_diff(got["prefill"], prefill) < 1e-5
     assert len(got["steps"]) == len(steps) and max(max_diff(a, b) for a, b in zip(got["steps"], steps)) < 1e-5
     assert got["greedy"] == greedy and got["sampled"] == sampled
 
 
-def test_tensor_parallel_int8_joins_its_shards(tiny_magma, written_model):
+def test_tensor_parallel_int8_joins_its_shards(tiny_magma, written_model, record_decode_steps):
     """int8 layers replace the float ones after sharding; the collectives must still join them.
     Each rank scales its own slice of a row-split matrix, so the match is close, not exact."""
     got = run_ranks(written_model, 2, tiny_magma.config, "quantize: int8")
     model = quantize_int8(copy.deepcopy(tiny_magma.model), "dynamic")
-    prefill, *_ = reference(Magma(tiny_magma.config, model, tiny_magma.tokenizer))
+    prefill, *_ = reference(Magma(tiny_magma.config, model, tiny_magma.tokenizer), record_decode_steps)
     scale = prefill[torch.isfinite(prefill)].abs().max().item()
     assert max_diff(got["prefill"], prefill) < 0.05 * scale
 

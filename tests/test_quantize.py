@@ -89,23 +89,20 @@ def test_dynamic_int8_linear_error_is_bounded_on_a_known_matrix():
     assert torch.allclose(twin(x), linear(x), atol=bound.max().item())
 
 
-def test_compiled_int8_decode_gives_the_eager_int8_tokens(demo_magma, demo_float_magma):
+def test_compiled_int8_decode_gives_the_eager_int8_tokens(demo_magma, demo_float_magma, record_decode_steps):
     from magma_ipu.generation import Engine
     from magma_ipu.sampling import SamplingSettings
 
     model = quantize_int8(copy.deepcopy(demo_float_magma.model), "dynamic")
     eager = Engine(model, demo_magma.tokenizer.eos_id, demo_magma.engine.banned_ids)
     compiled = Engine(model, demo_magma.tokenizer.eos_id, demo_magma.engine.banned_ids, compile=True)
-    recorded = {}
-    for engine in (eager, compiled):  # the same decode steps, one compiled: compare step by step
-        step = engine.decode_step
-        recorded[engine] = []
-        engine.decode_step = lambda *a, step=step, out=recorded[engine]: out.append(step(*a)) or out[-1]
     request = demo_magma.request("A picture of", "demo_example_images/scene_3.png", 12)
     settings = SamplingSettings(temperature=0, max_out_tokens=12)
-    tokens = compiled.generate([request], settings, [0])[0].token_ids
-    assert tokens == eager.generate([request], settings, [0])[0].token_ids
-    assert len(recorded[compiled]) == len(recorded[eager]) > 0
-    for got, want in zip(recorded[compiled], recorded[eager]):
+    # the same decode steps, one compiled: compare step by step
+    with record_decode_steps(compiled) as compiled_steps, record_decode_steps(eager) as eager_steps:
+        tokens = compiled.generate([request], settings, [0])[0].token_ids
+        assert tokens == eager.generate([request], settings, [0])[0].token_ids
+    assert len(compiled_steps) == len(eager_steps) > 0
+    for got, want in zip(compiled_steps, eager_steps):
         finite = torch.isfinite(want)
         assert (got - want)[finite].abs().max() < 1e-4 * want[finite].abs().max()

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from magma_ipu import MagmaError, PromptError, SamplingError, run_inference
+from magma_ipu import PromptError, SamplingError, run_inference
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
 
@@ -30,19 +30,24 @@ item = st.one_of(st.text(max_size=40), surrogates, st.just(IMAGE), st.sampled_fr
 prompts = st.one_of(st.text(max_size=300), st.lists(item, max_size=4), st.sampled_from([b"A picture", None, 7]))
 
 
+@pytest.fixture(scope="module")
+def sane_answer(demo_magma):
+    return demo_magma.generate("A picture of", image=IMAGE, temperature=0, max_out_tokens=3).token_ids
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(prompt=prompts, with_image=st.booleans(), params=sampling)
-def test_random_prompts_and_settings(demo_magma, prompt, with_image, params):
+def test_random_prompts_and_settings(demo_magma, sane_answer, prompt, with_image, params):
     try:
         result = demo_magma.generate(prompt, image=IMAGE if with_image else None, **params)
     except (PromptError, SamplingError) as e:
-        assert isinstance(e, MagmaError) and isinstance(e, ValueError) and str(e)
+        assert str(e)
     else:
         result.text.encode("utf-8")  # valid text: no lone surrogates
         assert len(result.token_ids) <= params["max_out_tokens"]
-    after = demo_magma.generate("A picture of", image=IMAGE, temperature=0, max_out_tokens=3)
-    assert after.finish_reason in ("eos", "length")
+    # whatever happened, the session still answers a plain request as it did before
+    assert demo_magma.generate("A picture of", image=IMAGE, temperature=0, max_out_tokens=3).token_ids == sane_answer
 
 
 @pytest.mark.parametrize(
@@ -124,5 +129,11 @@ def test_the_smallest_temperatures_give_the_greedy_tokens(demo_magma):
     for temperature in (5e-324, 1e-300, 1e-38):
         assert demo_magma.generate("A picture of", image=IMAGE, temperature=temperature, top_p=1e-300,
                                    max_out_tokens=8).token_ids == greedy
-    huge = demo_magma.generate("A picture of", image=IMAGE, temperature=1e300, top_p=1.0, max_out_tokens=8)
-    assert len(huge.token_ids) <= 8  # uniform over the vocabulary: any tokens, but tokens
+    # uniform over the vocabulary: ten seeds draw ten first tokens, few of them among the model's ten
+    # likeliest (10 of 384 tokens), where at an ordinary temperature the demo model is sure of its first
+    likeliest = demo_magma.engine.full_logits([demo_magma.request("A picture of", IMAGE, 1)])[0, -1].topk(10).indices
+    firsts = [demo_magma.generate("A picture of", image=IMAGE, temperature=temperature, top_p=1.0, seed=seed,
+                                  max_out_tokens=1).token_ids[:1] for temperature in (1e300, 1.0) for seed in range(10)]
+    uniform, ordinary = firsts[:10], firsts[10:]
+    assert sum(t[0] in likeliest.tolist() for t in uniform if t) <= 3
+    assert len({tuple(t) for t in ordinary}) <= 2

@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from magma_ipu.session import Magma
 from magma_ipu.sampling import SamplingSettings
+from step_recorder import recording_decode_steps
 
 
 def main(config_path: str, out_path: str) -> None:
@@ -17,11 +18,8 @@ def main(config_path: str, out_path: str) -> None:
     image = torch.linspace(0, 255, 50 * 60 * 3).reshape(50, 60, 3).to(torch.uint8).numpy()
     request = magma.request("A picture of", image, 10)
     prefill = engine.full_logits([request])
-    steps = []
-    original = engine.decode_step
-    engine.decode_step = lambda *a: steps.append(original(*a)) or steps[-1]
-    greedy = [t for (t,) in engine.tokens([request], SamplingSettings(temperature=0, max_out_tokens=10), [0])]
-    engine.decode_step = original
+    with recording_decode_steps(engine) as steps:
+        greedy = [t for (t,) in engine.tokens([request], SamplingSettings(temperature=0, max_out_tokens=10), [0])]
     sampled = magma.generate_batch(["A picture of", "Q: What colour is the star? A:"], images=[image, None],
                                    seeds=[3, 4], temperature=1.0, top_p=0.9, max_out_tokens=10)
     if dist.get_rank() == 0:
