@@ -29,7 +29,7 @@ from .errors import MagmaError
 from .images import load_image
 from .session import Magma, decide_auto
 
-DEMO_IMAGE = Path(__file__).resolve().parent.parent / "demo_example_images" / "scene_1.png"
+DEMO_IMAGE = Path(__file__).resolve().parent / "assets" / "demo_images" / "scene_1.png"
 
 
 class _Ordered(argparse.Action):

@@ -19,7 +19,7 @@ from .images import center_crop
 from .sampling import SamplingSettings
 from .session import Generation, Magma
 
-DEMO_IMAGES = Path(__file__).resolve().parent.parent / "demo_example_images"
+DEMO_IMAGES = Path(__file__).resolve().parent / "assets" / "demo_images"  # linked as demo_example_images/
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
