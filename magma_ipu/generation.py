@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence, Union
 
@@ -204,14 +204,16 @@ class Engine:
             return slot + 1
         return min(self.key_valid.shape[1], max(64, 1 << slot.bit_length()))
 
-    def _prefill_step(self, embeds: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, key_valid):
+    def _prefill_step(self, embeds: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, key_valid,
+                      weights_out: list | None = None):
         # embeds: B x T x D; slots: T; positions, key_valid: B x T  ->  the last position's logits, B x V
-        hidden = self.model(embeds, slots, positions, key_valid)
+        hidden = self.model(embeds, slots, positions, key_valid, weights_out)
         return self._logits(hidden[:, -1])  # logits B x V and their sums B
 
-    def _decode_step(self, token: torch.Tensor, slot: torch.Tensor, position: torch.Tensor, key_valid):
+    def _decode_step(self, token: torch.Tensor, slot: torch.Tensor, position: torch.Tensor, key_valid,
+                     weights_out: list | None = None):
         # token: B; slot: 1; position: B x 1  ->  logits B x V and their sums B
-        hidden = self.model(self.model.embed_tokens(token)[:, None], slot, position, key_valid)
+        hidden = self.model(self.model.embed_tokens(token)[:, None], slot, position, key_valid, weights_out)
         return self._logits(hidden[:, -1])
 
     @torch.inference_mode()
@@ -239,7 +241,7 @@ class Engine:
         yield from self._tokens(requests, settings, seeds, stats, capacity, explain)
 
     def _explanations(self, spans, pads, logits, out, explain, weights) -> None:
-        # weights: each layer's attention of the last query, B x H x S (capturing_attention)
+        # weights: each layer's attention of the last query, B x H x S (GPTJ.forward's weights_out)
         attention = torch.stack(weights).mean(2).cpu()  # layers x B x S, averaged over heads
         grid = self.model.cfg.image_grid
         for row, t in enumerate(out):
@@ -262,15 +264,11 @@ class Engine:
             spans.append(row)
         return spans
 
-    def _capturing(self, attention: list | None):
-        """The model's attention weights into `attention` for the computations within, unless None."""
-        return nullcontext() if attention is None else self.model.lm.capturing_attention(attention)
-
     def _prefill(self, sequences: list[torch.Tensor], new_tokens: int, capacity: int = 0,
                  attention: list | None = None, exact: bool = False):
         """The prompts' embeddings (`embed`) through the model, filling a cache with room for
         `new_tokens` more (and at least `capacity` slots; `exact`: see _ensure_cache). Given a list,
-        `attention` receives each layer's attention weights (the eager step, with capture). Returns
+        `attention` receives each layer's attention weights (from the eager step). Returns
         the last position's logits (B x V), the prompt width (padding included) and each row's padding."""
         longest = max(len(s) for s in sequences)
         length = max(capacity, longest + new_tokens)
@@ -281,9 +279,9 @@ class Engine:
         self._ensure_cache(len(sequences), length, exact)
         self.key_valid[:, :width] = valid
         slots = torch.arange(width, device=self.device)
-        step_fn = self.prefill_step if attention is None else self._prefill_step
-        with self._capturing(attention):
-            logits, sums = step_fn(embeds, slots, positions, self.key_valid[:, :width])
+        # with `attention`, the eager step, which writes the weights out
+        step_fn, weights_out = (self.prefill_step, ()) if attention is None else (self._prefill_step, (attention,))
+        logits, sums = step_fn(embeds, slots, positions, self.key_valid[:, :width], *weights_out)
         self._check_finite(sums, "in the prefill (the prompt, before token 1)", embeds)
         return logits, width, pads
 
@@ -293,9 +291,9 @@ class Engine:
         self.key_valid[:, slot] = True
         slot_t = torch.tensor([slot], device=self.device)
         position = (slot_t - pads)[:, None]
-        step_fn = self.decode_step if attention is None else self._decode_step
-        with self._capturing(attention):
-            logits, sums = step_fn(token, slot_t, position, self.key_valid[:, : self._attended(slot, step_fn)])
+        step_fn, weights_out = (self.decode_step, ()) if attention is None else (self._decode_step, (attention,))
+        key_valid = self.key_valid[:, : self._attended(slot, step_fn)]
+        logits, sums = step_fn(token, slot_t, position, key_valid, *weights_out)
         self._check_finite(sums, f"at token {number} (a decode step)")
         return logits
 

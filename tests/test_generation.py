@@ -336,10 +336,10 @@ def test_eager_decoding_reads_exactly_the_filled_cache_slots(tiny_magma):
     read = []
     forward = tiny_magma.model.forward
 
-    def recording(embeds, slots, positions, key_valid):
+    def recording(embeds, slots, positions, key_valid, *rest):
         if embeds.shape[1] == 1:  # a decode step: the slot it writes and the slots it reads
             read.append((int(slots[0]), key_valid.shape[1]))
-        return forward(embeds, slots, positions, key_valid)
+        return forward(embeds, slots, positions, key_valid, *rest)
 
     tiny_magma.model.forward = recording
     try:

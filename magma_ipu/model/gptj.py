@@ -10,9 +10,6 @@ The module tree is the checkpoint's key tree: lm.transformer.h.N.attn.attention.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,12 +51,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.kv_cache: KVCache | None = None
-        # set by GPTJ.capturing_attention for one computation: the list this layer appends its weights to
-        self.capture: list[torch.Tensor] | None = None
 
-    def forward(self, q, k, v, rotation, slots, mask):
+    def forward(self, q, k, v, rotation, slots, mask, weights_out: list | None = None):
         # q, k, v: B x T x H*hd projections (see Block.projections);  mask: B x 1 x T x S, added to
-        # the scores (0 = may attend, -inf = may not)
+        # the scores (0 = may attend, -inf = may not);  weights_out: see GPTJ.forward
         b, t, _ = q.shape
         q = apply_rotary(q.view(b, t, self.n_head, self.head_dim), rotation)
         k = apply_rotary(k.view(b, t, self.n_head, self.head_dim), rotation)
@@ -69,10 +64,10 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(slots, k, v)
             live = mask.shape[-1]  # attend over the slots the mask covers, not the whole cache
             k, v = k[:, :, :live], v[:, :, :live]  # B x H x S x hd
-        if self.capture is not None:  # the same attention, written out so its weights can be kept
+        if weights_out is not None:  # the same attention, written out so its weights can be kept
             scores = (q @ k.transpose(-2, -1)) / self.head_dim**0.5
             weights = (scores + mask).softmax(dim=-1)
-            self.capture.append(weights[:, :, -1].float())
+            weights_out.append(weights[:, :, -1].float())
             y = weights @ v
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -135,10 +130,10 @@ class Block(nn.Module):
         self.fused_in = fused
         del attention.q_proj, attention.k_proj, attention.v_proj, ff.c_fc
 
-    def forward(self, x, rotation, slots, mask):
+    def forward(self, x, rotation, slots, mask, weights_out: list | None = None):
         h = self.ln_1(x)
         q, k, v, pre = self.projections(h)
-        return x + self.attn["attention"](q, k, v, rotation, slots, mask) + self.mlp(pre)
+        return x + self.attn["attention"](q, k, v, rotation, slots, mask, weights_out) + self.mlp(pre)
 
 
 class Transformer(nn.Module):
@@ -186,34 +181,23 @@ class GPTJ(nn.Module):
         for block in self.transformer.h:
             block.attn["attention"].kv_cache = None
 
-    @contextmanager
-    def capturing_attention(self, sink: list[torch.Tensor]) -> Iterator[None]:
-        """Within, each forward appends to `sink` every layer's attention weights of the last query
-        (B x H x S, float32, layers in order), computed by an explicit softmax instead of the fused
-        kernel. The layers drop `sink` on leaving, whatever happens: the model keeps nothing of it."""
-        layers = [block.attn["attention"] for block in self.transformer.h]
-        for attention in layers:
-            attention.capture = sink
-        try:
-            yield
-        finally:
-            for attention in layers:
-                attention.capture = None
-
     @property
     def cache_size(self) -> tuple[int, int]:
         """(batch, length) of the key/value cache; (0, 0) when there is none."""
         cache = self.transformer.h[0].attn["attention"].kv_cache
         return (0, 0) if cache is None else (cache.k.shape[0], cache.k.shape[2])
 
-    def forward(self, embeds, slots, positions, key_valid):
+    def forward(self, embeds, slots, positions, key_valid, weights_out: list | None = None):
         """Hidden states after ln_f.
 
         embeds: B x T x D input embeddings (image prefix and/or token embeddings);
         slots: T, the sequence slots these inputs occupy (the cache slots when a cache is set);
         positions: B x T rotary positions (slot minus the row's left padding);
         key_valid: B x S, which slots hold real inputs (S: the first S slots of the cache, or T
-        without a cache; keys beyond S are not read).
+        without a cache; keys beyond S are not read);
+        weights_out: a list, or None. Given a list, each layer appends its attention weights of the
+        last query (B x H x S, float32, layers in order), computed by an explicit softmax instead of
+        the fused kernel: what "why this token?" shows.
         """
         self._ensure_tables(self.cache_size[1] or embeds.shape[1], embeds.device)
         s = key_valid.shape[1]
@@ -221,9 +205,9 @@ class GPTJ(nn.Module):
         # a padding query attends to itself only, so its row stays finite
         allowed = (self.causal[slots, :s][None] & key_valid[:, None, :]) | self.own[slots, :s][None]  # B x T x S
         # as an additive mask, once for all layers (a boolean one is converted by every attention call)
-        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device).masked_fill_(~allowed, float("-inf"))
-        mask = mask[:, None]  # B x 1 x T x S
+        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
+        mask = mask.masked_fill_(~allowed, float("-inf"))[:, None]  # B x 1 x T x S
         x = embeds
         for block in self.transformer.h:
-            x = block(x, rotation, slots, mask)
+            x = block(x, rotation, slots, mask, weights_out)
         return self.transformer.ln_f(x)

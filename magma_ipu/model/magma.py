@@ -26,8 +26,8 @@ class MagmaModel(nn.Module):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.transformer.wte(ids)
 
-    def forward(self, embeds, slots, positions, key_valid) -> torch.Tensor:
-        return self.lm(embeds, slots, positions, key_valid)
+    def forward(self, embeds, slots, positions, key_valid, weights_out: list | None = None) -> torch.Tensor:
+        return self.lm(embeds, slots, positions, key_valid, weights_out)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the tokenizer's ids only: head rows >= vocab_size have no token."""
