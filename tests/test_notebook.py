@@ -44,7 +44,9 @@ def test_errors_show_one_line_and_the_app_keeps_working(demo_magma, tmp_path):
     app.prompt.value = "A picture of"
     app.image_choice.value = "scene_1.png"
     result = app.run()
-    assert result is not None and objects_named(result.text, "scene_1.png") == 1.0 and app.status.value.count("⚠") == 0
+    direct = demo_magma.generate("A picture of", image=ROOT / "demo_example_images" / "scene_1.png", temperature=0,
+                                 max_out_tokens=app.max_out_tokens.value)
+    assert result is not None and result.text == direct.text and app.status.value.count("⚠") == 0
 
 
 def test_sliders_and_prompts_take_effect_without_reloading_the_model(demo_magma, monkeypatch):
@@ -90,16 +92,21 @@ def text_outputs(cell) -> str:
     return "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in cell.get("outputs", []))
 
 
-def test_notebook_executes_and_captions(executed_notebook):
+def test_notebook_executes_and_captions(executed_notebook, demo_magma):
+    # the notebook's captions are the library's (how right they are is test_demo_model's concern)
+    scene = ROOT / "demo_example_images" / "scene_1.png"
+    caption = demo_magma.generate("A picture of", image=scene, temperature=0, max_out_tokens=48).text
+    answer = demo_magma.generate("Q: What colour is the background? A:", image=scene, temperature=0,
+                                 max_out_tokens=4).text
     code = [c for c in executed_notebook.cells if c.cell_type == "code"]
     assert all(not any(o.output_type == "error" for o in c.outputs) for c in code)
     app_cell = next(c for c in code if "CaptionApp(session" in c.source)
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in app_cell.outputs)
-    assert objects_named(text_outputs(app_cell), "scene_1.png") == 1.0
+    assert repr(caption) in text_outputs(app_cell)
     api_cell = next(c for c in code if "run_inference(session" in c.source)
-    assert objects_named(text_outputs(api_cell), "scene_1.png") == 1.0
+    assert repr(caption) in text_outputs(api_cell)
     question_cell = next(c for c in code if "colour is the background" in c.source)
-    assert TRUTH["scene_1.png"]["background"] in text_outputs(question_cell)
+    assert repr(answer) in text_outputs(question_cell)
 
 
 def test_explanation_views_follow_the_sliders_without_running_the_model(demo_magma, monkeypatch):
