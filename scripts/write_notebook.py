@@ -59,7 +59,7 @@ app.run().text  # a first caption, for the image the dropdown shows"""),
 `run_inference` is the demo's original function; `session.generate`, `session.stream` and
 `session.generate_batch` are the object API behind it."""),
     new_code_cell("""run_inference(session, config, tokenizer, "demo_example_images/scene_1.png", "A picture of",
-              seed=0, top_p=0.9, top_k=0, temperature=0.0, max_out_tokens=48)"""),
+              seed=0, top_p=0.9, top_k=0, temperature=0.0, max_out_tokens=44)"""),
     new_code_cell("""session.generate("Q: What colour is the background? A:", image="demo_example_images/scene_1.png",
                  temperature=0, max_out_tokens=4).text"""),
     new_markdown_cell("""## The real model

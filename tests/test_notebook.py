@@ -95,7 +95,7 @@ def text_outputs(cell) -> str:
 def test_notebook_executes_and_captions(executed_notebook, demo_magma):
     # the notebook's captions are the library's (how right they are is test_demo_model's concern)
     scene = ROOT / "demo_example_images" / "scene_1.png"
-    caption = demo_magma.generate("A picture of", image=scene, temperature=0, max_out_tokens=48).text
+    caption = demo_magma.generate("A picture of", image=scene, temperature=0, max_out_tokens=44).text
     answer = demo_magma.generate("Q: What colour is the background? A:", image=scene, temperature=0,
                                  max_out_tokens=4).text
     code = [c for c in executed_notebook.cells if c.cell_type == "code"]

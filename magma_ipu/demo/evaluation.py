@@ -45,7 +45,7 @@ def evaluate_demo(scenes: int = 200, seed: int = 10_000_019, magma: Magma | None
     magma = magma or Magma.load("demo")
     rng = random.Random(seed)
     drawn = [(scene, draw_varied(scene, rng)) for scene in (random_scene(rng) for _ in range(scenes))]
-    captions = _greedy(magma, [CAPTION_PROMPT] * scenes, [image for _, image in drawn], max_out_tokens=48)
+    captions = _greedy(magma, [CAPTION_PROMPT] * scenes, [image for _, image in drawn], max_out_tokens=44)
     named = [set(named_objects(c)) for c in captions]
     hits = [(o.colour, o.shape) in n for (scene, _), n in zip(drawn, named) for o in scene.objects]
     qa = [(image, *rng.choice(scene.questions())) for scene, image in drawn]
@@ -67,7 +67,7 @@ def evaluate_drawings(singles: int = 200, pairs: int = 100, seed: int = 20_250_1
     magma = magma or Magma.load("demo")
     drawings = held_out_drawings(singles, pairs, seed)
     images = [d.image for d in drawings]
-    named = [named_objects(c) for c in _greedy(magma, [CAPTION_PROMPT] * len(drawings), images, max_out_tokens=48)]
+    named = [named_objects(c) for c in _greedy(magma, [CAPTION_PROMPT] * len(drawings), images, max_out_tokens=44)]
     truth = [[(o.colour, o.shape) for o in d.objects] for d in drawings]
     single, pair = list(zip(named, truth))[:singles], list(zip(named, truth))[singles:]
     qa = [(d.image, q, a) for d in drawings for q, a in d.questions()]
