@@ -166,9 +166,9 @@ class Engine:
     # -- the two phases -----------------------------------------------------------------------
 
     def _logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits (... x V, banned ids at -inf) and their float32 sums before the ban (...): a sum
-        is finite exactly when every logit it adds is (a NaN or an inf carries through), so checking
-        it costs one reduction where counting finite logits costs four passes."""
+        """The logits (... x V, banned ids at -inf) and their float32 sums before the ban (...). A NaN or
+        an inf among the logits makes the sum non-finite (only finite logits near float32's limit could
+        overflow it too), so checking the sums costs one reduction where counting finite logits costs four."""
         logits = self.model.logits(hidden)
         sums = logits.sum(-1, dtype=torch.float32)  # float32: float16 sums of finite logits could overflow
         if self.banned_ids:

@@ -347,3 +347,13 @@ def test_eager_decoding_reads_exactly_the_filled_cache_slots(tiny_magma):
     finally:
         del tiny_magma.model.forward
     assert read and all(width == slot + 1 for slot, width in read)
+
+
+def test_casting_the_model_after_use_keeps_the_rotary_table_right(tiny_magma):
+    # Module.to(a real dtype) also casts complex buffers, dropping the rotation's sine: the table
+    # must be rebuilt rather than reused
+    settings = dict(image="demo_example_images/scene_1.png", temperature=0, max_out_tokens=8)
+    before = tiny_magma.generate("A picture of", **settings).token_ids
+    tiny_magma.model.to(torch.float32)  # float32 already: changes nothing but the complex buffer
+    assert tiny_magma.generate("A picture of", **settings).token_ids == before
+    assert tiny_magma.model.lm.rotation.dtype == torch.complex64

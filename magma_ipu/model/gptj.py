@@ -159,7 +159,9 @@ class GPTJ(nn.Module):
         """The rotary rotation of positions 0..length-1 (length x rotary_dim/2: cos + i sin of each
         angle, float32 whatever the model's dtype) and the slot masks (length x length: key slot <=
         query slot; key slot == query slot)."""
-        if self.rotation.shape[0] >= length and self.rotation.device == device:
+        # the dtype too: Module.to(a real dtype) casts complex buffers, dropping the rotation's sine
+        table = self.rotation
+        if table.shape[0] >= length and table.device == device and table.dtype == torch.complex64:
             return
         rot = self.cfg.rotary_dim
         inv_freq = 1.0 / 10000 ** (torch.arange(0, rot, 2, device=device).float() / rot)
