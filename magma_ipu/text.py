@@ -130,3 +130,18 @@ class TextStream:
         """What `text` adds to what was emitted before (which it always starts with)."""
         piece, self.emitted = text[self.emitted :], len(text)
         return piece
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte (byte-level BPE vocabularies are written with these).
+
+    Bytes that are visible, non-space Latin-1 characters stand for themselves; the other 68 (controls,
+    space, DEL, NBSP, soft hyphen, ...) take the code points from 256 upwards, in byte order."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping = {b: chr(b) for b in visible}
+    extra = 256
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(extra)
+            extra += 1
+    return mapping

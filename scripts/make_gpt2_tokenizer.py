@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from magma_ipu.text import EOS_TOKEN, IMAGE_TOKEN  # noqa: E402
+from magma_ipu.text import EOS_TOKEN, IMAGE_TOKEN, byte_to_unicode  # noqa: E402
 
 OUT = ROOT / "magma_ipu" / "assets" / "gpt2"
 PACKAGE, VERSION = "openai-whisper", "20250625"
@@ -100,21 +100,6 @@ def derive_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
             raise ValueError(f"token {rank} ({token!r}) is not the merge of two lower-ranked tokens: {parts}")
         merges.append((parts[0], parts[1]))
     return merges
-
-
-def byte_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in for each byte (byte-level BPE vocabularies are written with these).
-
-    Bytes that are visible, non-space Latin-1 characters stand for themselves; the other 68 (controls,
-    space, DEL, NBSP, soft hyphen, ...) take the code points from 256 upwards, in byte order."""
-    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    mapping = {b: chr(b) for b in visible}
-    extra = 256
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(extra)
-            extra += 1
-    return mapping
 
 
 def build_tokenizer_json(ranks: dict[bytes, int]) -> str:

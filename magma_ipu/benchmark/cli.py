@@ -120,7 +120,8 @@ def weight_sweep(model, batch: int, device) -> float:
     return timed(lambda: [F.linear(x[w.shape[1]], w, b) for w, b in mats], device)
 
 
-def measure(engine: Engine, requests, settings: SamplingSettings, seeds, cfg, between=None) -> tuple[GenerationStats, list]:
+def measure(engine: Engine, requests, settings: SamplingSettings, seeds, cfg,
+            between=None) -> tuple[GenerationStats, list]:
     """One warm-up (compiles) then three runs: the run with the median decode time. The cache is
     the session's (cfg.cache_length slots), so a compiled prefill pads to its bucket as in use.
     `between`, if given, runs after each of the three: a peer timed in interleaved rounds."""
@@ -142,23 +143,24 @@ class GgmlPeer:
         from .ggml import check_ggml_against_transformers, load_ggml, write_ggml_gptj
         from .reference import transformers_gptj
 
-        self.ftype, self.threads, self.rounds = ftype, threads, []
+        self.ftype, self.threads, self.rounds, self.vocab_size = ftype, threads, [], cfg.model.vocab_size
         path = write_ggml_gptj(model.lm, os.path.join(directory, f"gptj-{ftype}.bin"), ftype, n_ctx=cfg.cache_length)
         self.llm = load_ggml(path)
         gen = torch.Generator().manual_seed(1)
-        probe = torch.randint(0, cfg.model.vocab_size - 2, (20,), generator=gen).tolist()
+        probe = torch.randint(0, self.vocab_size - 2, (20,), generator=gen).tolist()
         self.check = check_ggml_against_transformers(self.llm, transformers_gptj(model, adapters=False), probe,
                                                      threads=threads)
         limit = 2e-3 if ftype == "f32" else 0.1  # of the logit scale; Q8_0's rounding alone is ~0.02
         if self.check["max_abs_logit_diff"] > limit * self.check["logit_scale"]:
-            raise MagmaError(f"GGML's {ftype} logits differ from transformers' by {self.check['max_abs_logit_diff']:.4f} "
+            raise MagmaError(f"GGML's {ftype} logits differ from transformers' by "
+                             f"{self.check['max_abs_logit_diff']:.4f} "
                              f"(logit scale {self.check['logit_scale']:.2f}): the GGML file is wrong; not timed")
 
     def time(self, stats: GenerationStats) -> None:
         from .ggml import time_ggml_decode
 
         gen = torch.Generator().manual_seed(2)
-        prompt = torch.randint(0, 50000, (stats.prompt_positions,), generator=gen).tolist()
+        prompt = torch.randint(0, self.vocab_size - 2, (stats.prompt_positions,), generator=gen).tolist()
         if not self.rounds:
             time_ggml_decode(self.llm, prompt, 4, self.threads)  # warm-up
         self.rounds.append(time_ggml_decode(self.llm, prompt, stats.new_tokens - 1, self.threads))

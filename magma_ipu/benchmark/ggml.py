@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import ConfigError, MagmaError
 from ..model.gptj import GPTJ
-from ..text import Tokenizer
+from ..text import Tokenizer, byte_to_unicode
 
 FILE_MAGIC = 0x67676D6C
 QNT_VERSION = 2
@@ -83,18 +83,10 @@ FTYPES = {
 }
 
 
-def _gpt2_byte_decoder() -> dict[str, int]:
-    """Byte-level BPE shows each byte as a printable character: the printable Latin-1 bytes as
-    themselves, the other 68 as chr(256 + n), n counting them in byte order. This maps back."""
-    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    hidden = [b for b in range(256) if b not in shown]
-    return {chr(b): b for b in shown} | {chr(256 + n): b for n, b in enumerate(hidden)}
-
-
 def ggml_vocabulary(tokenizer: Tokenizer, n_vocab: int) -> list[bytes]:
     """n_vocab token strings: the tokenizer's as the bytes they stand for, then a filler name for
     each id only the head has (its ids past n_vocab, if any, are dropped)."""
-    decoder = _gpt2_byte_decoder()
+    decoder = {shown: byte for byte, shown in byte_to_unicode().items()}  # stand-in character -> byte
     words = []
     for i in range(n_vocab):
         token = tokenizer.backend.id_to_token(i) if i < len(tokenizer) else None
