@@ -98,7 +98,10 @@ class Engine:
         self.compiled = compile
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-            self.decode_step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=False)
+            # the width of the cache a decode step reads changes every step: a CUDA graph needs fixed
+            # shapes (see _attended); on a CPU the width is a dynamic size, one graph for all (see _step)
+            dynamic = False if self.device.type == "cuda" else None
+            self.decode_step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=dynamic)
             self.prefill_step = torch.compile(self._prefill_step, mode=mode, fullgraph=True, dynamic=False)
 
     # -- building inputs ----------------------------------------------------------------------
@@ -199,8 +202,8 @@ class Engine:
 
     def _attended(self, slot: int, step_fn) -> int:
         """How many cache slots a decode step at `slot` reads: exactly the filled ones, or for the
-        compiled step the next power of two (a few shapes to compile, at most twice the reads)."""
-        if step_fn == self._decode_step:  # bound methods: equal, never identical
+        compiled step on CUDA the next power of two (a few CUDA graphs to record, at most twice the reads)."""
+        if step_fn == self._decode_step or self.device.type != "cuda":  # bound methods: equal, never identical
             return slot + 1
         return min(self.key_valid.shape[1], max(64, 1 << slot.bit_length()))
 
@@ -293,6 +296,11 @@ class Engine:
         position = (slot_t - pads)[:, None]
         step_fn, weights_out = (self.decode_step, ()) if attention is None else (self._decode_step, (attention,))
         key_valid = self.key_valid[:, : self._attended(slot, step_fn)]
+        width, length = key_valid.shape[1], self.key_valid.shape[1]
+        if self.compiled and step_fn is self.decode_step and self.device.type != "cuda" and 2 <= width < length:
+            # one graph for every width (sizes 0 and 1 are always specialized, and reading the whole cache
+            # specializes too: slicing the full tables is then a no-op)
+            torch._dynamo.mark_dynamic(key_valid, 1, min=2, max=length - 1)
         logits, sums = step_fn(token, slot_t, position, key_valid, *weights_out)
         self._check_finite(sums, f"at token {number} (a decode step)")
         return logits

@@ -181,11 +181,12 @@ def test_compiled_decode_step_gives_the_eager_tokens(tiny_magma, record_decode_s
     width = len(tiny_magma.engine.embed([request])[0])
     request[-1] = ids * (1 + (60 - width) // len(ids))
     width = len(tiny_magma.engine.embed([request])[0])
-    assert width < 64 < width + 10  # the decode crosses 64 slots: two compiled lengths (64, 128)
+    assert width < 64 < width + 10  # the decode crosses 64 slots: two lengths of CUDA graphs (64, 128)
     settings = SamplingSettings(temperature=0, max_out_tokens=10)
-    with record_decode_steps(engine) as steps:
-        compiled = engine.generate([request], settings, [0])[0].token_ids
-    again = engine.generate([request], SamplingSettings(temperature=0, max_out_tokens=6), [0])[0].token_ids
+    with torch._dynamo.config.patch(error_on_recompile=True):  # on a CPU, one graph for every width read
+        with record_decode_steps(engine) as steps:
+            compiled = engine.generate([request], settings, [0])[0].token_ids
+        again = engine.generate([request], SamplingSettings(temperature=0, max_out_tokens=6), [0])[0].token_ids
     eager = tiny_magma.engine.generate([request], settings, [0])[0].token_ids
     assert compiled == eager and again == eager[:6]
     for step, logits in enumerate(steps, start=1):
