@@ -130,10 +130,10 @@ def test_the_smallest_temperatures_give_the_greedy_tokens(demo_magma):
         assert demo_magma.generate("A picture of", image=IMAGE, temperature=temperature, top_p=1e-300,
                                    max_out_tokens=8).token_ids == greedy
     # uniform over the vocabulary: ten seeds draw ten first tokens, few of them among the model's ten
-    # likeliest (10 of 384 tokens), where at an ordinary temperature the demo model is sure of its first
+    # likeliest (10 of 384 tokens), where at an ordinary temperature most draws are among them
     likeliest = demo_magma.engine.full_logits([demo_magma.request("A picture of", IMAGE, 1)])[0, -1].topk(10).indices
     firsts = [demo_magma.generate("A picture of", image=IMAGE, temperature=temperature, top_p=1.0, seed=seed,
                                   max_out_tokens=1).token_ids[:1] for temperature in (1e300, 1.0) for seed in range(10)]
     uniform, ordinary = firsts[:10], firsts[10:]
     assert sum(t[0] in likeliest.tolist() for t in uniform if t) <= 3
-    assert len({tuple(t) for t in ordinary}) <= 2
+    assert sum(t[0] in likeliest.tolist() for t in ordinary if t) >= 7
