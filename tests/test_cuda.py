@@ -44,8 +44,10 @@ def test_cuda_graphs_give_the_eager_tokens(cpu_captions):
 def test_phased_streaming_on_cuda_gives_the_resident_captions(cpu_captions):
     # the least budget that runs, so that every block streams: the weights outside the blocks, and two
     # blocks in flight (state dicts: parameters and int8 buffers, not the caches)
+    def size(module) -> int:
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
     model = Magma.load("demo", device="cuda", dtype="float16").model
-    size = lambda module: sum(t.numel() * t.element_size() for t in module.state_dict().values())  # noqa: E731
     blocks = model.lm.transformer.h
     budget = size(model) - (len(blocks) - 2) * size(blocks[0]) + 1
     streamed = Magma.load("demo", device="cuda", dtype="float16", max_device_memory=str(budget))
