@@ -48,12 +48,20 @@ def run_row(label: str, command: list[str], timeout: int) -> dict:
 
 
 def phased_budgets(config: str) -> list[str]:
-    """Two budgets that keep about two thirds and one third of the model's weights on the GPU."""
-    from magma_ipu.build import lm_parameters
+    """Two float16 budgets that keep about two thirds and one third of the blocks on the GPU, beyond what
+    phased execution always holds: the weights outside the blocks and two blocks in flight."""
     from magma_ipu.config import load_config
+    from magma_ipu.model import MagmaModel
 
-    fp16_bytes = 2 * lm_parameters(load_config(config).model)
-    return [f"{int(fp16_bytes * share / 2**20)}MiB" for share in (2 / 3, 1 / 3)]
+    def size(module) -> int:
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+    with torch.device("meta"):
+        model = MagmaModel(load_config(config).model).half()
+    blocks = model.lm.transformer.h
+    block = size(blocks[0])
+    fixed = size(model) - len(blocks) * block
+    return [str(int(fixed + (2 + share * len(blocks)) * block) + 1) for share in (2 / 3, 1 / 3)]
 
 
 def tensor_parallel_row(args, gpus: int) -> dict:
