@@ -96,12 +96,14 @@ class Engine:
         self.key_valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
         self.decode_step, self.prefill_step = self._decode_step, self._prefill_step
         self.compiled = compile
+        # The number of cache slots a decode step reads grows every step. A CUDA graph needs fixed shapes,
+        # so compiled on CUDA a step reads a power of two of them (see _attended); compiled on a CPU the
+        # number is a dynamic size, one graph for all (see _step).
+        self.padded_reads = compile and self.device.type == "cuda"
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-            # the width of the cache a decode step reads changes every step: a CUDA graph needs fixed
-            # shapes (see _attended); on a CPU the width is a dynamic size, one graph for all (see _step)
-            dynamic = False if self.device.type == "cuda" else None
-            self.decode_step = torch.compile(self._decode_step, mode=mode, fullgraph=True, dynamic=dynamic)
+            self.decode_step = torch.compile(self._decode_step, mode=mode, fullgraph=True,
+                                             dynamic=False if self.padded_reads else None)
             self.prefill_step = torch.compile(self._prefill_step, mode=mode, fullgraph=True, dynamic=False)
 
     # -- building inputs ----------------------------------------------------------------------
@@ -203,7 +205,7 @@ class Engine:
     def _attended(self, slot: int, step_fn) -> int:
         """How many cache slots a decode step at `slot` reads: exactly the filled ones, or for the
         compiled step on CUDA the next power of two (a few CUDA graphs to record, at most twice the reads)."""
-        if step_fn == self._decode_step or self.device.type != "cuda":  # bound methods: equal, never identical
+        if step_fn == self._decode_step or not self.padded_reads:  # bound methods: equal, never identical
             return slot + 1
         return min(self.key_valid.shape[1], max(64, 1 << slot.bit_length()))
 
@@ -297,7 +299,7 @@ class Engine:
         step_fn, weights_out = (self.decode_step, ()) if attention is None else (self._decode_step, (attention,))
         key_valid = self.key_valid[:, : self._attended(slot, step_fn)]
         width, length = key_valid.shape[1], self.key_valid.shape[1]
-        if self.compiled and step_fn is self.decode_step and self.device.type != "cuda" and 2 <= width < length:
+        if self.compiled and not self.padded_reads and step_fn is self.decode_step and 2 <= width < length:
             # one graph for every width (sizes 0 and 1 are always specialized, and reading the whole cache
             # specializes too: slicing the full tables is then a no-op)
             torch._dynamo.mark_dynamic(key_valid, 1, min=2, max=length - 1)
