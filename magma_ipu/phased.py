@@ -22,7 +22,8 @@ def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: t for k, t in module.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
 
 
-def _nbytes(module: nn.Module) -> int:
+def state_bytes(module: nn.Module) -> int:
+    """Bytes of the weights phased execution places: parameters and persistent buffers."""
     return sum(t.numel() * t.element_size() for t in _weights(module).values())
 
 
@@ -32,8 +33,8 @@ class PhasedBlocks:
     def __init__(self, model: MagmaModel, budget: int, device: torch.device | str):
         self.device = torch.device(device)
         blocks = list(model.lm.transformer.h)
-        per_block = _nbytes(blocks[0])
-        fixed = _nbytes(model) - per_block * len(blocks)
+        per_block = state_bytes(blocks[0])
+        fixed = state_bytes(model) - per_block * len(blocks)
         # two slots are kept free for streaming: the block that runs and the one being copied in
         fits = max(0, (budget - fixed) // per_block - 2) if budget > fixed + 2 * per_block else -1
         if fits < 0:

@@ -52,15 +52,13 @@ def phased_budgets(config: str) -> list[str]:
     phased execution always holds: the weights outside the blocks and two blocks in flight."""
     from magma_ipu.config import load_config
     from magma_ipu.model import MagmaModel
-
-    def size(module) -> int:
-        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    from magma_ipu.phased import state_bytes
 
     with torch.device("meta"):
         model = MagmaModel(load_config(config).model).half()
     blocks = model.lm.transformer.h
-    block = size(blocks[0])
-    fixed = size(model) - len(blocks) * block
+    block = state_bytes(blocks[0])
+    fixed = state_bytes(model) - len(blocks) * block
     return [str(int(fixed + (2 + share * len(blocks)) * block) + 1) for share in (2 / 3, 1 / 3)]
 
 

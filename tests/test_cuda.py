@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from magma_ipu import Magma
+from magma_ipu.phased import state_bytes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -43,13 +44,10 @@ def test_cuda_graphs_give_the_eager_tokens(cpu_captions):
 
 def test_phased_streaming_on_cuda_gives_the_resident_captions(cpu_captions):
     # the least budget that runs, so that every block streams: the weights outside the blocks, and two
-    # blocks in flight (state dicts: parameters and int8 buffers, not the caches)
-    def size(module) -> int:
-        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
-
+    # blocks in flight
     model = Magma.load("demo", device="cuda", dtype="float16").model
     blocks = model.lm.transformer.h
-    budget = size(model) - (len(blocks) - 2) * size(blocks[0]) + 1
+    budget = state_bytes(model) - (len(blocks) - 2) * state_bytes(blocks[0]) + 1
     streamed = Magma.load("demo", device="cuda", dtype="float16", max_device_memory=str(budget))
     assert streamed.model.phased.resident == 0
     texts = [streamed.generate("A picture of", image=image, **GREEDY).text for image in IMAGES]

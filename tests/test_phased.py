@@ -8,7 +8,7 @@ import torch
 
 from magma_ipu import ConfigError
 from magma_ipu.config import parse_bytes
-from magma_ipu.phased import PhasedBlocks, _nbytes
+from magma_ipu.phased import PhasedBlocks, state_bytes
 from magma_ipu.session import Magma
 
 
@@ -20,8 +20,8 @@ def test_parse_bytes():
 
 def test_streamed_blocks_give_the_resident_logits_and_tokens(tiny_magma):
     model = copy.deepcopy(tiny_magma.model)
-    per_block = _nbytes(model.lm.transformer.h[0])
-    fixed = _nbytes(model) - per_block * len(model.lm.transformer.h)
+    per_block = state_bytes(model.lm.transformer.h[0])
+    fixed = state_bytes(model) - per_block * len(model.lm.transformer.h)
     phased = PhasedBlocks(model, fixed + 3 * per_block, "cpu")  # room for 1 resident block + 2 in flight
     assert phased.resident == 1 and len(phased.streamed) == tiny_magma.config.model.n_layer - 1
     streaming = Magma(tiny_magma.config, model, tiny_magma.tokenizer)
@@ -47,8 +47,8 @@ def test_int8_weights_stream_with_their_blocks(tiny_magma):
 
     model = quantize_int8(copy.deepcopy(tiny_magma.model), "weight_only")
     resident = Magma(tiny_magma.config, copy.deepcopy(model), tiny_magma.tokenizer)
-    per_block = _nbytes(model.lm.transformer.h[0])
-    fixed = _nbytes(model) - per_block * len(model.lm.transformer.h)
+    per_block = state_bytes(model.lm.transformer.h[0])
+    fixed = state_bytes(model) - per_block * len(model.lm.transformer.h)
     phased = PhasedBlocks(model, fixed + 3 * per_block, "cpu")
     assert any(t.dtype == torch.int8 for t in phased.host[0].values())  # int8 weights are buffers
     streaming = Magma(tiny_magma.config, model, tiny_magma.tokenizer)
