@@ -6,7 +6,8 @@ MAGMA's recipe, scaled down:
      scene notation (one token per cell of the 3 x 3 grid: the object whose centre is in it, or the
      background) followed by captions and Q&A. The notation's embeddings get noise, as image
      positions never match them exactly;
-  2. freeze it and train the image encoder, the image prefix and the adapters on image-text pairs
+  2. train the image encoder, the image prefix and the adapters on image-text pairs, the language
+     model's blocks following at a tenth of the rate
      (scenes drawn as users' pictures come: any canvas, shades, outlines, resampling, JPEG): the
      3 x 3 image positions take the place of the notation, and are also pulled towards the
      notation's own embeddings, cell by cell.
@@ -111,12 +112,14 @@ def cosine(step: int, total: int, peak: float, warmup: int = 100) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train(model, params, steps, lr, make_batch, label):
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+def train(model, groups, steps, make_batch, label):
+    """AdamW over parameter groups, each {"params": [...], "peak": its peak learning rate}."""
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    params = [p for g in groups for p in g["params"]]
     start, running = time.perf_counter(), None
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = cosine(step, steps, lr)
+            group["lr"] = cosine(step, steps, group["peak"])
         loss = make_batch()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -137,6 +140,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     # the budget is 25 minutes on 2 cores; on cores that other jobs keep busy, one thread can be faster
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lm_rate", type=float, default=2e-4, help="peak rate of the language model's blocks in stage 2")
     parser.add_argument("--out", type=Path, default=ASSETS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -164,7 +168,7 @@ def main() -> None:
     # 1. the language model, on text alone (adapters held at zero). Each sequence is a "document"
     # about one scene: its scene notation (one token per grid cell, in the image prefix's order)
     # followed by a few of its texts, so the model learns to read a grid of cells placed before
-    # the text. That is how it will read the image prefix once it is frozen.
+    # the text. That is how it will read the image prefix in stage 2.
     lm_params = [p for n, p in model.lm.named_parameters() if ".adapter." not in n]
     model.train()
     by_scene = [(s.notation(), [p + a for p, a in s.examples()]) for s in scenes]
@@ -174,13 +178,17 @@ def main() -> None:
                 ((n, rng.sample(t, min(len(t), 3))) for n, t in rng.sample(by_scene, args.batch_size))]
         return lm_loss(model, None, *batch_text(tokenizer, docs, eos), noisy=GRID**2)
 
-    text_loss = train(model, lm_params, args.text_steps, 3e-3, text_batch, "text")
+    text_loss = train(model, [{"params": lm_params, "peak": 3e-3}], args.text_steps, text_batch, "text")
 
-    # 2. frozen language model; train the image encoder, the prefix and the adapters
+    # 2. train the image encoder, the prefix and the adapters; the language model's blocks follow at a
+    # tenth of the rate, so that they learn to read image positions, which never land exactly on the
+    # notation's embeddings. The embeddings and the head stay frozen: the notation's embeddings are
+    # what pull_loss draws the image positions towards.
     for p in model.lm.parameters():
         p.requires_grad_(False)
     adapters = [p for n, p in model.lm.named_parameters() if ".adapter." in n]
-    for p in adapters:
+    blocks = [p for n, p in model.lm.named_parameters() if n.startswith("transformer.h.") and ".adapter." not in n]
+    for p in adapters + blocks:
         p.requires_grad_(True)
     image_params = list(model.image_prefix.parameters()) + adapters
     with torch.no_grad():  # image positions start at the scale of the token embeddings they stand in for
@@ -201,7 +209,8 @@ def main() -> None:
         cells = cell_classes[index]
         return text + notation_loss(prefix, cells, prototypes) + pull_loss(prefix, cells, prototypes)
 
-    image_loss = train(model, image_params, args.image_steps, 2e-3, image_batch, "image")
+    image_loss = train(model, [{"params": image_params, "peak": 2e-3}, {"params": blocks, "peak": args.lm_rate}],
+                       args.image_steps, image_batch, "image")
     model.eval()
 
     args.out.mkdir(parents=True, exist_ok=True)

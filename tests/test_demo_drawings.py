@@ -16,11 +16,12 @@ SEED = 7_700_001  # the fixed held-out sample; the training script never runs th
 
 
 def test_held_out_drawings_are_named_once_in_order_and_answered(demo_magma):
-    # The shipped model scores 0.99 / 0.82 / 0.027 / 0.988 on this sample. The goals are 0.95 single,
-    # 0.9 pairs in order, <= 0.03 hallucinating captions, 0.9 Q&A: pairs fall short.
+    # The shipped model scores 0.99 / 0.90 / 0.033 / 0.987 on this sample (on 300 + 300 other pictures
+    # 0.99 / 0.94 / 0.03 / 0.989). The goals are 0.95 single, 0.9 pairs in order, <= 0.03 hallucinating
+    # captions, 0.9 Q&A; with 50 pairs and 150 captions, two pairs and one caption of room.
     metrics = evaluate_drawings(singles=100, pairs=50, seed=SEED, magma=demo_magma)
     assert metrics["single_accuracy"] >= 0.95, metrics
-    assert metrics["pair_accuracy"] >= 0.78, metrics
+    assert metrics["pair_accuracy"] >= 0.86, metrics
     assert metrics["hallucination_rate"] <= 0.04, metrics
     assert metrics["repeat_rate"] <= 0.02, metrics
     assert metrics["qa_accuracy"] >= 0.9, metrics
