@@ -23,6 +23,7 @@ from .config import MagmaConfig, parse_bytes, torch_dtype
 from .errors import ConfigError
 from .model import MagmaModel
 from .quantize import INT8_LAYERS, check_method, default_method, load_int8, quantize_int8
+from .quantize_image import calibration_pixels, check_image_int8, quantize_trunk
 from .resources import cache_bytes, check_disk, check_memory
 from .weights import (
     _release_pages,
@@ -44,6 +45,25 @@ def build_model(config: MagmaConfig, checkpoint: str | Path | None, progress: bo
     With `tensor_parallel` > 1 (under torchrun), this process's shard of it."""
     if "auto" in (config.device, config.dtype, config.quantize):
         raise ConfigError("device, dtype and quantize must be decided before building (resources.resolve_auto)")
+    if config.image_int8:
+        check_image_int8(config.device)
+    model = _build(config, checkpoint, progress)
+    if config.image_int8:
+        image_encoder_in_int8(model)
+    return model
+
+
+def image_encoder_in_int8(model: MagmaModel) -> None:
+    """Replace the image prefix's float32 trunk by its int8 version (quantize_image.py); the float
+    weights' mapped pages then leave the resident set."""
+    prefix = model.image_prefix
+    floats = list(prefix.enc.state_dict().values())
+    prefix.enc = quantize_trunk(prefix.enc, calibration_pixels(model.cfg.image_resolution))
+    for tensor in floats:
+        _release_pages(tensor)
+
+
+def _build(config: MagmaConfig, checkpoint: str | Path | None, progress: bool) -> MagmaModel:
     dtype = torch_dtype(config.dtype)
     if checkpoint is None:
         return _random_model(config, dtype)

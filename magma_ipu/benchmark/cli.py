@@ -8,6 +8,7 @@ the same weights:
              Q8_0 against our int8), checked against transformers before it is timed, and timed in
              rounds interleaved with ours at the same context length;
   no-cache   the IPU demo's scheme: image encoder and the whole padded sequence rerun for every token;
+  image_int8 on a CPU, the time to first token with the image encoder in int8 against float32;
 and against the hardware: weight bytes read per token / measured memory bandwidth, and one plain
 F.linear pass over the same float weights (the weight-sweep floor).
 
@@ -21,6 +22,7 @@ F.linear pass over the same float weights (the weight-sweep floor).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -37,6 +39,7 @@ from ..config import load_config
 from ..errors import MagmaError
 from ..generation import Engine, GenerationStats
 from ..packed import PackedLinear
+from ..quantize_image import calibration_pixels, quantize_trunk
 from ..sampling import SamplingSettings
 from ..session import decide_auto
 
@@ -192,6 +195,38 @@ def ggml_peer_reason(args, cfg, skip: set) -> str | None:
     return None
 
 
+def image_int8_figures(engine: Engine, model, requests, seeds, rounds: int = 3) -> dict:
+    """The image encoder in int8 (image_int8) against float32, in the same run on the same weights:
+    calibration seconds, the relative error of the feature map, and the time to first token of
+    each, alternating (median of `rounds` each, after a warm-up of both)."""
+    prefix = model.image_prefix
+    float_trunk, image = prefix.enc, requests[0][0]
+    start = time.perf_counter()
+    int8_trunk = quantize_trunk(copy.deepcopy(float_trunk), calibration_pixels(model.cfg.image_resolution))
+    calibration_s = time.perf_counter() - start
+    with torch.inference_mode():
+        reference = float_trunk(image)
+        error = (int8_trunk(image) - reference).norm() / reference.norm()
+    first_token = SamplingSettings(temperature=0, max_out_tokens=1)
+    times: dict = {"float32": [], "int8": []}
+    try:
+        for round_ in range(rounds + 1):
+            for kind, trunk in (("float32", float_trunk), ("int8", int8_trunk)):
+                prefix.enc = trunk
+                stats = GenerationStats()
+                engine.generate(requests, first_token, seeds, stats=stats)
+                if round_:  # the first round warms both up
+                    times[kind].append(stats.time_to_first_token)
+    finally:
+        prefix.enc = float_trunk
+    float_first, int8_first = statistics.median(times["float32"]), statistics.median(times["int8"])
+    return {"image_int8_calibration_s": round(calibration_s, 2),
+            "image_int8_feature_error": round(error.item(), 4),
+            "image_float32_time_to_first_token_ms": round(float_first * 1e3, 2),
+            "image_int8_time_to_first_token_ms": round(int8_first * 1e3, 2),
+            "image_int8_time_to_first_token_over_float32": round(int8_first / float_first, 3)}
+
+
 def per_token(stats: GenerationStats) -> float:
     return stats.decode_time / max(1, stats.new_tokens - 1)
 
@@ -288,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensor_parallel", type=int, default=1, help="ranks (run under torchrun; needs --checkpoint)")
     parser.add_argument("--max_device_memory", default=None,
                         help="comma-separated budgets, e.g. 2GiB,4GiB: phased execution's time per token at each")
-    parser.add_argument("--skip", default="", help="comma-separated: reference,ggml,nocache,sweep")
+    parser.add_argument("--skip", default="", help="comma-separated: reference,ggml,nocache,sweep,image_int8")
     parser.add_argument("--quick", action="store_true", help="a seconds-long run on the demo-sized model (CI)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -387,4 +422,6 @@ def main(argv: list[str] | None = None) -> None:
     if "sweep" not in skip:
         row.update({"float32_weight_sweep_ms": round(sweep * 1e3, 3),
                     "decode_over_weight_sweep": round(decode_per_token / sweep, 3)})
+    if "image_int8" not in skip and device.type == "cpu":
+        row.update(image_int8_figures(engine, model, requests, seeds))
     print_row(row)

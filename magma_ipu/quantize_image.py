@@ -1,0 +1,62 @@
+"""The image encoder's convolutions in int8 on a CPU (opt-in: `image_int8: true`).
+
+The RN50x16 trunk is most of the time to first token on a CPU. Static int8 quantization (PyTorch's
+FX graph mode, x86 backend: fbgemm kernels) folds each BatchNorm into its convolution, fuses the
+ReLUs, and runs every convolution on int8 weights (per output channel) and int8 activations, whose
+ranges are observed once, at load, on the pictures bundled with the package (photographs and demo
+scenes). The attention-free trunk's output is a float feature map again, so the image prefix's
+projection and LayerNorm, and everything after them, are unchanged.
+
+Measured on a 2-core AVX2 CPU, RN50x16 at 384 pixels with random weights: 0.47 s a picture instead
+of 1.0 s, a relative error of 3.3 % in the feature map of a photograph left out of the calibration,
+and about 8 s of calibration at load. The demo model's captions of its demo scenes are unchanged.
+The benchmark measures time to first token with and without it, in the same run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .errors import ConfigError
+from .images import preprocess
+
+CALIBRATION_IMAGES = ("cabin_by_a_lake", "fruit_bowl", "night_city", "sunny_house", "scene_1", "scene_2", "scene_6")
+_ASSETS = Path(__file__).resolve().parent / "assets" / "demo_images"
+
+
+def check_image_int8(device: str) -> None:
+    """Refuse image_int8 where it cannot run: it is a CPU kernel library's, for x86 CPUs."""
+    if torch.device(device).type != "cpu":
+        raise ConfigError(f"image_int8 runs the image encoder on a CPU, not on {device}: leave it false there")
+    if "x86" not in torch.backends.quantized.supported_engines:
+        raise ConfigError("image_int8 needs PyTorch's x86 quantized engine (fbgemm), which this build or CPU lacks "
+                          f"(it has: {', '.join(torch.backends.quantized.supported_engines)}); leave it false")
+
+
+def calibration_pixels(resolution: int) -> torch.Tensor:
+    """The bundled calibration pictures, preprocessed as the model sees them: N x 3 x R x R."""
+    return torch.cat([preprocess(Image.open(_ASSETS / f"{name}.png"), resolution) for name in CALIBRATION_IMAGES])
+
+
+def quantize_trunk(trunk: nn.Module, calibration: torch.Tensor) -> nn.Module:
+    """The float32 ResNet trunk `trunk` in int8, its activation ranges observed on `calibration`
+    (N x 3 x R x R). `trunk` is consumed: quantization rebuilds its modules rather than copying
+    the whole trunk first, which would cost its float weights again in memory."""
+    from torch.ao.quantization import MinMaxObserver, QConfig, QConfigMapping, default_per_channel_weight_observer
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    # activations: their observed range (7-bit, reduce_range, so that fbgemm's int16 pair sums cannot
+    # saturate on CPUs without VNNI); the x86 default's histogram observer calibrated 1.7x slower
+    # for the same error here. Weights: symmetric, per output channel.
+    qconfig = QConfig(activation=MinMaxObserver.with_args(reduce_range=True), weight=default_per_channel_weight_observer)
+    with warnings.catch_warnings():  # the FX quantization API's own deprecation notices
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(trunk.eval(), QConfigMapping().set_global(qconfig), (calibration[:1],))
+        with torch.inference_mode():
+            prepared(calibration)
+        return convert_fx(prepared)

@@ -1,0 +1,70 @@
+"""The image encoder in int8 (image_int8): what it computes, and the demo model's captions with it."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from magma_ipu.build import build_model
+from magma_ipu.config import load_config
+from magma_ipu.demo.drawings import held_out_drawings
+from magma_ipu.errors import ConfigError
+from magma_ipu.images import preprocess
+from magma_ipu.quantize_image import CALIBRATION_IMAGES, calibration_pixels, check_image_int8, quantize_trunk
+from magma_ipu.session import Magma
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENES = sorted((ROOT / "demo_example_images").glob("scene_*.png"))
+
+
+@pytest.fixture(scope="module")
+def demo_int8_images():
+    return Magma.load("demo", image_int8=True)
+
+
+def test_the_demo_model_captions_its_scenes_the_same_with_an_int8_image_encoder(demo_magma, demo_int8_images):
+    assert isinstance(demo_int8_images.model.image_prefix.enc.conv1, torch.ao.nn.quantized.Conv2d)
+    for path in SCENES:
+        assert (demo_int8_images.generate("A picture of", image=path).text
+                == demo_magma.generate("A picture of", image=path).text), path.name
+
+
+def test_the_demo_model_mostly_captions_unseen_drawings_the_same_with_an_int8_image_encoder(demo_magma,
+                                                                                         demo_int8_images):
+    drawings = held_out_drawings(singles=20, pairs=10, seed=4242)
+    same = sum(demo_int8_images.generate("A picture of", image=d.image).text
+               == demo_magma.generate("A picture of", image=d.image).text for d in drawings)
+    assert same >= 27, same  # 30 of 30 when written
+
+
+def test_an_int8_trunk_stays_near_the_float_one_on_a_picture_left_out_of_calibration(demo_float_magma):
+    """The demo model's trained trunk (a random one's output hardly depends on its input)."""
+    from PIL import Image
+
+    trunk = copy.deepcopy(demo_float_magma.model.image_prefix.enc)
+    unseen, other = (preprocess(Image.open(ROOT / "demo_example_images" / f"{name}.png"), 96)
+                     for name in ("scene_3", "scene_4"))
+    assert "scene_3" not in CALIBRATION_IMAGES
+    with torch.inference_mode():
+        reference, elsewhere = trunk(unseen), trunk(other)
+    quantized = quantize_trunk(trunk, calibration_pixels(96))
+    with torch.inference_mode():
+        out = quantized(unseen)
+    assert out.shape == reference.shape and out.dtype == torch.float32
+    assert (elsewhere - reference).norm() / reference.norm() > 1  # what a different picture changes
+    assert (out - reference).norm() / reference.norm() < 0.25  # 0.169 when written
+
+
+def test_image_int8_is_refused_where_it_cannot_run():
+    with pytest.raises(ConfigError, match="image_int8 runs the image encoder on a CPU"):
+        check_image_int8("cuda:0")
+    with pytest.raises(ConfigError, match="image_int8 and max_device_memory"):
+        load_config("demo", image_int8=True, max_device_memory="1GB")
+
+
+def test_a_random_model_can_be_built_with_an_int8_image_encoder():
+    model = build_model(load_config("demo", image_int8=True), None)
+    with torch.inference_mode():
+        prefix = model.embed_images(calibration_pixels(model.cfg.image_resolution)[:2])
+    assert prefix.shape == (2, model.cfg.image_tokens, model.cfg.d_model) and torch.isfinite(prefix).all()
