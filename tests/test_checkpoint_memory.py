@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -19,7 +21,8 @@ def test_conversion_and_loading_stay_near_the_weight_size(tmp_path):
     assert 0.5 < row["load_extra_rss_over_weights"] < 1.15  # every weight read once, no second copy
 
 
-def test_the_command_line_in_int8_stays_within_its_estimate(tmp_path):
+@pytest.mark.parametrize("plan", ["int8", "image_int8"])
+def test_the_command_line_in_int8_stays_within_its_estimate(tmp_path, plan):
     """scripts/full_size_run.py, scaled: the real command line, first start (quantizing into the cache)
     and later start (mapping it), each in a fresh process, within the memory resources.py promises."""
     import torch
@@ -28,12 +31,12 @@ def test_the_command_line_in_int8_stays_within_its_estimate(tmp_path):
     from magma_ipu.model import MagmaModel
     from magma_ipu.resources import memory_needed
 
-    out = subprocess.run([sys.executable, "scripts/full_size_run.py", "--config", "bench_cpu", "--plans", "int8",
+    out = subprocess.run([sys.executable, "scripts/full_size_run.py", "--config", "bench_cpu", "--plans", plan,
                           "--tokens", "4", "--workdir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    config = load_config("bench_cpu", quantize="int8")
+    config = load_config("bench_cpu", quantize="int8", image_int8=plan == "image_int8")
     with torch.device("meta"):
         estimate = memory_needed(config, MagmaModel(config.model))
     first, later = report["rows"]
