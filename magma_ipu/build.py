@@ -13,6 +13,7 @@ against what the machine has (resources.py).
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from .quantize_image import calibration_pixels, check_image_int8, quantize_trunk
 from .resources import cache_bytes, check_disk, check_memory
 from .weights import (
     _release_pages,
+    _return_freed_heap,
     cache_path,
     cached_conversion,
     check_keys,
@@ -61,6 +63,8 @@ def image_encoder_in_int8(model: MagmaModel) -> None:
     prefix.enc = quantize_trunk(prefix.enc, calibration_pixels(model.cfg.image_resolution))
     for tensor in floats:
         _release_pages(tensor)
+    del floats
+    _return_freed_heap()
 
 
 def _build(config: MagmaConfig, checkpoint: str | Path | None, progress: bool) -> MagmaModel:
@@ -171,12 +175,13 @@ def release_after_each_use(module: nn.Module) -> None:
     """After each forward of `module`, drop its memory-mapped weights' pages from this process's
     resident set. The image prefix runs once per image, not once per token: its 0.6 GB of float32
     weights are read again from the page cache (a fraction of a second) by the next image instead of
-    staying resident through every decode step. Weights that are not file mappings are untouched."""
-    weights = [t for t in module.state_dict().values() if t.device.type == "cpu"]
+    staying resident through every decode step. Weights that are not file mappings are untouched.
+    The tensors are looked up at each call: image_int8 replaces the trunk after loading."""
 
     def release(*_) -> None:
-        for tensor in weights:
-            _release_pages(tensor)
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if tensor.device.type == "cpu":
+                _release_pages(tensor)
 
     module.register_forward_hook(release)
 

@@ -15,6 +15,7 @@ The benchmark measures time to first token with and without it, in the same run.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .images import preprocess
 
 CALIBRATION_IMAGES = ("cabin_by_a_lake", "fruit_bowl", "night_city", "sunny_house", "scene_1", "scene_2", "scene_6")
 _ASSETS = Path(__file__).resolve().parent / "assets" / "demo_images"
+_QUANTIZING = threading.Lock()  # torch.fx's tracing patches module-level state: one quantization at a time
 
 
 def check_image_int8(device: str) -> None:
@@ -43,20 +45,46 @@ def calibration_pixels(resolution: int) -> torch.Tensor:
     return torch.cat([preprocess(Image.open(_ASSETS / f"{name}.png"), resolution) for name in CALIBRATION_IMAGES])
 
 
-def quantize_trunk(trunk: nn.Module, calibration: torch.Tensor) -> nn.Module:
+class Int8Trunk(nn.Module):
+    """The quantized trunk, giving NaN features for a picture whose pixels are not all finite: int8
+    cannot carry a NaN, and the engine then refuses the picture as it does with the float trunk."""
+
+    def __init__(self, quantized: nn.Module):
+        super().__init__()
+        self.quantized = quantized
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: b x 3 x R x R  ->  b x C x g x g, float32
+        finite = torch.isfinite(x).flatten(1).all(1)  # b
+        return self.quantized(x).masked_fill(~finite[:, None, None, None], float("nan"))
+
+
+def quantize_trunk(trunk: nn.Module, calibration: torch.Tensor) -> Int8Trunk:
     """The float32 ResNet trunk `trunk` in int8, its activation ranges observed on `calibration`
-    (N x 3 x R x R). `trunk` is consumed: quantization rebuilds its modules rather than copying
-    the whole trunk first, which would cost its float weights again in memory."""
+    (N x 3 x R x R). `trunk` itself is left to be dropped: quantization folds and copies its
+    modules one by one, never the whole trunk at once."""
     from torch.ao.quantization import MinMaxObserver, QConfig, QConfigMapping, default_per_channel_weight_observer
+    from torch.ao.quantization.fx import utils as fx_utils
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     # activations: their observed range (7-bit, reduce_range, so that fbgemm's int16 pair sums cannot
     # saturate on CPUs without VNNI); the x86 default's histogram observer calibrated 1.7x slower
     # for the same error here. Weights: symmetric, per output channel.
     qconfig = QConfig(activation=MinMaxObserver.with_args(reduce_range=True), weight=default_per_channel_weight_observer)
-    with warnings.catch_warnings():  # the FX quantization API's own deprecation notices
+    with _QUANTIZING, warnings.catch_warnings():  # the FX quantization API's own deprecation notices
         warnings.simplefilter("ignore")
         prepared = prepare_fx(trunk.eval(), QConfigMapping().set_global(qconfig), (calibration[:1],))
-        with torch.inference_mode():
-            prepared(calibration)
-        return convert_fx(prepared)
+        with torch.inference_mode():  # a picture at a time: min/max observers give the batch's ranges
+            for picture in calibration:
+                prepared(picture[None])
+        quantized = convert_fx(prepared)
+        # What would otherwise keep the BatchNorm-folded float copy of the trunk alive: the graph's
+        # observer factories (they close over the float convolutions) and a module-level cache of
+        # torch's that holds every module it was asked about
+        for node in quantized.graph.nodes:
+            node.meta.pop("target_dtype_info", None)
+        clear = getattr(getattr(fx_utils, "assert_and_get_unique_device", None), "cache_clear", None)
+        if clear is not None:
+            clear()
+    del prepared
+    return Int8Trunk(quantized)

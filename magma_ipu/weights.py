@@ -572,6 +572,8 @@ def _return_freed_heap() -> None:
     resident set through loading and the first token. Nothing to do where libc has no malloc_trim."""
     import ctypes
 
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):  # TypeError: Windows cannot open the process itself by None
+        return
+    trim(0)

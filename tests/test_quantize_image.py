@@ -24,7 +24,7 @@ def demo_int8_images():
 
 
 def test_the_demo_model_captions_its_scenes_the_same_with_an_int8_image_encoder(demo_magma, demo_int8_images):
-    assert isinstance(demo_int8_images.model.image_prefix.enc.conv1, torch.ao.nn.quantized.Conv2d)
+    assert isinstance(demo_int8_images.model.image_prefix.enc.quantized.conv1, torch.ao.nn.intrinsic.quantized.ConvReLU2d)
     for path in SCENES:
         assert (demo_int8_images.generate("A picture of", image=path).text
                 == demo_magma.generate("A picture of", image=path).text), path.name
@@ -68,3 +68,15 @@ def test_a_random_model_can_be_built_with_an_int8_image_encoder():
     with torch.inference_mode():
         prefix = model.embed_images(calibration_pixels(model.cfg.image_resolution)[:2])
     assert prefix.shape == (2, model.cfg.image_tokens, model.cfg.d_model) and torch.isfinite(prefix).all()
+
+
+def test_an_int8_image_encoder_passes_a_picture_with_nan_pixels_on_as_nan():
+    """int8 cannot carry a NaN: without the check, such a picture would get finite features and a
+    caption of nothing, where the float encoder's NaN makes the engine refuse it."""
+    model = build_model(load_config("demo", image_int8=True), None)
+    pixels = calibration_pixels(model.cfg.image_resolution)[:2].clone()
+    pixels[1, 0, 5, 7] = float("nan")
+    with torch.inference_mode():
+        prefix = model.embed_images(pixels)
+    assert torch.isfinite(prefix[0]).all()
+    assert torch.isnan(prefix[1]).any()
