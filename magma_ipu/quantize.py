@@ -15,6 +15,7 @@ The image encoder stays in float: it runs once per request, not once per token.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -66,15 +67,38 @@ class Int8WeightOnlyLinear(nn.Module):
 _linear_dynamic = torch.ops.quantized.linear_dynamic.default
 
 
+@functools.cache
+def activations_need_reduce_range() -> bool:
+    """Whether fbgemm's int8 products must quantize activations to 7 bits on this CPU.
+
+    Without VNNI, fbgemm multiplies uint8 activations by int8 weights in pairs summed into int16
+    (vpmaddubsw), which saturates at 2 x 255 x 127 > 32767: 8-bit activations would then give wrong
+    products silently, 7-bit ones (reduce_range) cannot. With VNNI the pairs sum straight into int32,
+    and 8 bits halve the activations' rounding error. Rather than trust CPU flags, one product with
+    every pair at its extreme (+-127 weights, activations quantized to 255) is computed with 8-bit
+    activations and compared with its exact value: measured once per process."""
+    k = 64  # 32 pairs: a saturated sum would be about half of the exact one
+    rows = torch.tensor([127, -127], dtype=torch.int8)[:, None].expand(2, k).contiguous()
+    weight = torch._make_per_channel_quantized_tensor(rows, torch.ones(2, dtype=torch.double),
+                                                      torch.zeros(2, dtype=torch.long), 0)
+    packed = torch.ops.quantized.linear_prepack(weight, None)
+    x = torch.full((1, k), 255.0)  # quantized with scale 1 and zero point 0: every activation is 255
+    with torch._C.DisableTorchFunctionSubclass():
+        y = _linear_dynamic(x, packed, False)
+    exact = torch.tensor([[255.0 * 127 * k, -255.0 * 127 * k]])
+    return not torch.allclose(y, exact, rtol=1e-6, atol=0)
+
+
 class FbgemmInt8Weight(PackedWeight):
     """Symmetric per-channel int8 weights in fbgemm's packed layout; activations are quantized
-    per call (7-bit: reduce_range, so that int16 pair sums cannot saturate on CPUs without VNNI).
-    Packing copies the weight into fbgemm's own memory: the int8 tensor given may be a view of a
-    memory-mapped file."""
+    per call, in 8 bits where this CPU's products cannot saturate, else 7 (see
+    activations_need_reduce_range). Packing copies the weight into fbgemm's own memory: the int8
+    tensor given may be a view of a memory-mapped file."""
 
     def __init__(self, qweight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.params = torch.ops.quantized.linear_prepack(qweight, bias)
+        self.reduce_range = activations_need_reduce_range()
 
     @classmethod
     def from_int8(cls, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> "FbgemmInt8Weight":
@@ -86,7 +110,7 @@ class FbgemmInt8Weight(PackedWeight):
         # Without this, the call looks up __torch_function__ on the packed weight, a ScriptObject, which
         # raises and catches a C++ exception: 14 of the 20 us a small product takes
         with torch._C.DisableTorchFunctionSubclass():
-            return _linear_dynamic(x, self.params, True)
+            return _linear_dynamic(x, self.params, self.reduce_range)
 
     def __deepcopy__(self, memo):
         return FbgemmInt8Weight(*torch.ops.quantized.linear_unpack(self.params))

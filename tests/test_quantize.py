@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from magma_ipu.quantize import int8_linear, quantize_int8, quantize_rows
+from magma_ipu import quantize
+from magma_ipu.quantize import activations_need_reduce_range, int8_linear, quantize_int8, quantize_rows
 from magma_ipu.session import Magma
 
 
@@ -78,15 +79,41 @@ def test_dynamic_int8_linear_error_is_bounded_on_a_known_matrix():
         linear.bias.copy_(torch.tensor([0.5, -1.0, 0.0]))
     q = int8_linear(*quantize_rows(linear.weight.detach()), linear.bias, "dynamic", torch.float32)
     x = torch.tensor([[1.0, 2.0, -1.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
-    # weight error <= scale/2 per entry (scale = row max / 127); activations: 7 bits over their range
+    # weight error <= scale/2 per entry (scale = row max / 127); activations: 8 bits over their range,
+    # or 7 where this CPU's products would saturate with 8
     w_step = linear.weight.abs().amax(1) / 127
-    x_step = (x.max() - x.min()) / 127
+    x_step = (x.max() - x.min()) / (127 if activations_need_reduce_range() else 255)
     bound = (w_step / 2 * x.abs().sum(1, keepdim=True) + linear.weight.abs().sum(1) * x_step / 2) * 1.01
     assert torch.all((q(x) - linear(x)).abs() <= bound)
     assert torch.equal(q(x)[1], linear.bias.detach())  # a zero input gives exactly the bias
     twin = copy.deepcopy(q)
     del q  # the copy owns its own packed weights
     assert torch.allclose(twin(x), linear(x), atol=bound.max().item())
+
+
+def _saturating_product(x, packed, reduce_range):
+    """fbgemm's int8 product as a CPU without VNNI computes it: uint8 x int8 pairs summed into int16."""
+    weight, _ = torch.ops.quantized.linear_unpack(packed)
+    scale = x.max().clamp(min=1e-12) / (127 if reduce_range else 255)  # x >= 0 here: zero point 0
+    pairs = (torch.round(x / scale)[:, None, :] * weight.int_repr().float()).unflatten(-1, (-1, 2)).sum(-1)
+    return pairs.clamp(-32768, 32767).sum(-1) * scale * weight.q_per_channel_scales().float()
+
+
+def test_activations_are_7_bit_where_the_products_would_saturate(monkeypatch):
+    probe = activations_need_reduce_range.__wrapped__  # uncached
+    monkeypatch.setattr(quantize, "_linear_dynamic", _saturating_product)
+    assert probe() is True
+
+
+def test_the_activation_bits_chosen_for_this_cpu_give_exact_products_at_their_extremes():
+    """Every pair at its extreme (the case that saturates): exact with the chosen setting, on this
+    CPU's own kernels."""
+    k = 256
+    w = torch.tensor([127.0, -127.0])[:, None].expand(2, k).contiguous()
+    layer = int8_linear(*quantize_rows(w), None, "dynamic", torch.float32)
+    x = torch.full((1, k), 255.0)
+    assert torch.allclose(layer(x), x @ w.T, rtol=1e-5)
+    assert layer.packed.reduce_range == activations_need_reduce_range()
 
 
 def test_compiled_int8_decode_gives_the_eager_int8_tokens(demo_magma, demo_float_magma, record_decode_steps):
