@@ -24,7 +24,7 @@ from .config import MagmaConfig, parse_bytes, torch_dtype
 from .errors import ConfigError
 from .model import MagmaModel
 from .quantize import INT8_LAYERS, check_method, default_method, load_int8, quantize_int8
-from .quantize_image import calibration_pixels, check_image_int8, quantize_trunk
+from .quantize_image import bfloat16_trunk, calibration_pixels, check_image_precision, quantize_trunk
 from .resources import cache_bytes, check_disk, check_memory
 from .weights import (
     _release_pages,
@@ -47,20 +47,22 @@ def build_model(config: MagmaConfig, checkpoint: str | Path | None, progress: bo
     With `tensor_parallel` > 1 (under torchrun), this process's shard of it."""
     if "auto" in (config.device, config.dtype, config.quantize):
         raise ConfigError("device, dtype and quantize must be decided before building (resources.resolve_auto)")
-    if config.image_int8:
-        check_image_int8(config.device)
+    check_image_precision(config.image_precision, config.device)
     model = _build(config, checkpoint, progress)
-    if config.image_int8:
-        image_encoder_in_int8(model)
+    if config.image_precision != "float32":
+        image_encoder_in(config.image_precision, model)
     return model
 
 
-def image_encoder_in_int8(model: MagmaModel) -> None:
-    """Replace the image prefix's float32 trunk by its int8 version (quantize_image.py); the float
-    weights' mapped pages then leave the resident set."""
+def image_encoder_in(precision: str, model: MagmaModel) -> None:
+    """Replace the image prefix's float32 trunk by its bfloat16 or int8 version (quantize_image.py);
+    the float weights' mapped pages then leave the resident set."""
     prefix = model.image_prefix
     floats = list(prefix.enc.state_dict().values())
-    prefix.enc = quantize_trunk(prefix.enc, calibration_pixels(model.cfg.image_resolution))
+    if precision == "bfloat16":
+        prefix.enc = bfloat16_trunk(prefix.enc)
+    else:
+        prefix.enc = quantize_trunk(prefix.enc, calibration_pixels(model.cfg.image_resolution))
     for tensor in floats:
         _release_pages(tensor)
     del floats
@@ -176,7 +178,7 @@ def release_after_each_use(module: nn.Module) -> None:
     resident set. The image prefix runs once per image, not once per token: its 0.6 GB of float32
     weights are read again from the page cache (a fraction of a second) by the next image instead of
     staying resident through every decode step. Weights that are not file mappings are untouched.
-    The tensors are looked up at each call: image_int8 replaces the trunk after loading."""
+    The tensors are looked up at each call: image_precision replaces the trunk after loading."""
 
     def release(*_) -> None:
         for tensor in itertools.chain(module.parameters(), module.buffers()):

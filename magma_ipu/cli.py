@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _METAVARS = {"checkpoint": "PATH|URL|hub", "checkpoint_sha256": "HEX", "tokenizer": "PATH|gpt2",
              "max_device_memory": "BYTES", "image_layers": "N,N,N,N", "device": "cpu|cuda[:N]|auto",
-             "dtype": "float32|bfloat16|float16|auto", "quantize": "none|int8|auto"}
+             "dtype": "float32|bfloat16|float16|auto", "quantize": "none|int8|auto",
+             "image_precision": "float32|bfloat16|int8"}
 
 
 def _metavar(name: str, default) -> str:

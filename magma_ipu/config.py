@@ -107,7 +107,7 @@ class MagmaConfig:
     memory_check: bool = True  # refuse at once a model the machine's free memory cannot hold
     compile: bool = False  # torch.compile the decode step (CUDA graphs on CUDA) and the prefill
     onednn: bool = True  # CPU float32: run the language model's linear layers through oneDNN (faster)
-    image_int8: bool = False  # CPU: the image encoder's convolutions in int8, calibrated at load (quantize_image.py)
+    image_precision: str = "float32"  # CPU: the image encoder in "bfloat16" (native bfloat16 CPUs) or "int8" (quantize_image.py)
     tensor_parallel: int = 1  # processes (GPUs) the language model is split over; launch with torchrun
     max_device_memory: str | None = None  # e.g. "6GiB": blocks beyond it stream from host memory
     image_timeout: float = 10.0  # seconds to wait for an image server
@@ -362,13 +362,12 @@ def _validate(cfg: MagmaConfig) -> None:
         raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' (N a device number) or 'auto', got {cfg.device!r}")
     if cuda:
         _check_cuda(cfg.device, cuda.group(1))
-    if cfg.image_int8 and cfg.device != AUTO:
-        from .quantize_image import check_image_int8
+    from .quantize_image import check_image_precision
 
-        check_image_int8(cfg.device)
-    if cfg.image_int8 and cfg.max_device_memory is not None:
-        raise ConfigError("image_int8 and max_device_memory do not combine: phased execution moves the image "
-                          "encoder to the device; leave image_int8 false")
+    check_image_precision(cfg.image_precision, "cpu" if cfg.device == AUTO else cfg.device)
+    if cfg.image_precision != "float32" and cfg.max_device_memory is not None:
+        raise ConfigError(f"image_precision {cfg.image_precision} and max_device_memory do not combine: phased "
+                          "execution moves the image encoder to the device; leave image_precision float32")
     if cfg.device == "cpu" and cfg.quantize == "int8" and cfg.dtype not in ("float32", AUTO):
         raise ConfigError(f"int8 on the CPU runs with float32 activations: use dtype float32 (or auto), "
                           f"not {cfg.dtype}")

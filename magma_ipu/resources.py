@@ -61,17 +61,17 @@ def memory_needed(config: MagmaConfig, model: nn.Module, plan: Plan | None = Non
     dtype = torch_dtype(plan.dtype)
     m = config.model
     kv_cache = 2 * m.n_layer * config.cache_length * m.d_model * dtype.itemsize
-    return weight_bytes(model, dtype, plan.quantize, config.device) + kv_cache + OVERHEAD + image_int8_bytes(config, model)
+    return weight_bytes(model, dtype, plan.quantize, config.device) + kv_cache + OVERHEAD + image_precision_bytes(config, model)
 
 
-def image_int8_bytes(config: MagmaConfig, model: nn.Module) -> int:
-    """What image_int8 adds to the weights: twice the float32 trunk's size. Calibration holds a
-    BatchNorm-folded float copy of the trunk; then fbgemm's packed int8 trunk stays, with its copies,
-    besides the float weights (measured at full size: peak +0.95 GB, +0.81 GB after the first
-    token, for a 0.55 GB float32 trunk)."""
-    if not config.image_int8:
-        return 0
-    return 2 * sum(t.numel() * 4 for t in model.image_prefix.enc.state_dict().values() if t.is_floating_point())
+def image_precision_bytes(config: MagmaConfig, model: nn.Module) -> int:
+    """What image_precision adds to the weights, in shares of the float32 trunk's size. int8: twice.
+    Calibration holds a BatchNorm-folded float copy of the trunk; then fbgemm's packed int8 trunk
+    stays, with its copies, besides the float weights (measured at full size: peak +0.95 GB, +0.81 GB
+    after the first token, for a 0.55 GB float32 trunk). bfloat16: half, its folded bfloat16 copy
+    (folded a convolution at a time)."""
+    share = {"float32": 0, "bfloat16": 0.5, "int8": 2}[config.image_precision]
+    return int(share * sum(t.numel() * 4 for t in model.image_prefix.enc.state_dict().values() if t.is_floating_point()))
 
 
 def available_memory(device: str) -> int | None:

@@ -13,8 +13,9 @@ at the measured bandwidth.
     python scripts/full_size_run.py --config bench_cpu             # the same, scaled (0.6 GB)
 
 Plans: "auto" is the preset's own choice with no flags (for MAGMA v1 on a machine without CUDA: the
-CPU in int8 when it fits), "int8" asks for the CPU in int8, "image_int8" the same with the image encoder in
-int8 too, "bfloat16" adds `--dtype bfloat16 --quantize none`.
+CPU in int8 when it fits), "int8" asks for the CPU in int8, "image_int8" and "image_bfloat16" the same
+with the image encoder in int8 or bfloat16 too (the latter on CPUs with native bfloat16), "bfloat16" adds
+`--dtype bfloat16 --quantize none`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = ROOT / "demo_example_images" / "cabin_by_a_lake.png"
 INT8 = ["--device", "cpu", "--dtype", "float32", "--quantize", "int8"]
-PLANS = {"auto": [], "int8": INT8, "image_int8": [*INT8, "--image_int8", "true"],
+PLANS = {"auto": [], "int8": INT8, "image_int8": [*INT8, "--image_precision", "int8"],
+         "image_bfloat16": [*INT8, "--image_precision", "bfloat16"],
          "bfloat16": ["--dtype", "bfloat16", "--quantize", "none"]}
 
 

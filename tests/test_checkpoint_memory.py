@@ -36,7 +36,7 @@ def test_the_command_line_in_int8_stays_within_its_estimate(tmp_path, plan):
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    config = load_config("bench_cpu", quantize="int8", image_int8=plan == "image_int8")
+    config = load_config("bench_cpu", quantize="int8", image_precision="int8" if plan == "image_int8" else "float32")
     with torch.device("meta"):
         estimate = memory_needed(config, MagmaModel(config.model))
     first, later = report["rows"]

@@ -8,7 +8,8 @@ the same weights:
              Q8_0 against our int8), checked against transformers before it is timed, and timed in
              rounds interleaved with ours at the same context length;
   no-cache   the IPU demo's scheme: image encoder and the whole padded sequence rerun for every token;
-  image_int8 on a CPU, the time to first token with the image encoder in int8 against float32;
+  image_precision  on a CPU, the time to first token with the image encoder in bfloat16 (native
+             bfloat16 CPUs) and int8 against float32;
 and against the hardware: weight bytes read per token / measured memory bandwidth, and one plain
 F.linear pass over the same float weights (the weight-sweep floor).
 
@@ -36,10 +37,10 @@ import torch.nn.functional as F
 
 from ..build import build_model, convert_linears, packs_for_onednn
 from ..config import load_config
-from ..errors import MagmaError
+from ..errors import ConfigError, MagmaError
 from ..generation import Engine, GenerationStats
 from ..packed import PackedLinear
-from ..quantize_image import calibration_pixels, quantize_trunk
+from ..quantize_image import bfloat16_trunk, calibration_pixels, check_image_precision, quantize_trunk
 from ..sampling import SamplingSettings
 from ..session import decide_auto
 
@@ -195,36 +196,46 @@ def ggml_peer_reason(args, cfg, skip: set) -> str | None:
     return None
 
 
-def image_int8_figures(engine: Engine, model, requests, seeds, rounds: int = 3) -> dict:
-    """The image encoder in int8 (image_int8) against float32, in the same run on the same weights:
-    calibration seconds, the relative error of the feature map, and the time to first token of
-    each, alternating (median of `rounds` each, after a warm-up of both)."""
+def image_precision_figures(engine: Engine, model, requests, seeds, rounds: int = 3) -> dict:
+    """The image encoder in bfloat16 (where this CPU has native bfloat16) and in int8 against float32,
+    in the same run on the same weights: seconds to prepare each, the relative error of its feature
+    map, and the time to first token of each, alternating (median of `rounds` each, after a warm-up)."""
     prefix = model.image_prefix
     float_trunk, image = prefix.enc, requests[0][0]
-    start = time.perf_counter()
-    int8_trunk = quantize_trunk(copy.deepcopy(float_trunk), calibration_pixels(model.cfg.image_resolution))
-    calibration_s = time.perf_counter() - start
+    trunks, row = {"float32": float_trunk}, {}
     with torch.inference_mode():
         reference = float_trunk(image)
-        error = (int8_trunk(image) - reference).norm() / reference.norm()
+    for precision, make in (("bfloat16", bfloat16_trunk), ("int8", quantize_trunk)):
+        try:
+            check_image_precision(precision, "cpu")
+        except ConfigError as e:
+            row[f"image_{precision}"] = str(e)
+            continue
+        start = time.perf_counter()
+        args = (calibration_pixels(model.cfg.image_resolution),) if precision == "int8" else ()
+        trunks[precision] = make(copy.deepcopy(float_trunk), *args)
+        row[f"image_{precision}_prepare_s"] = round(time.perf_counter() - start, 2)
+        with torch.inference_mode():
+            error = (trunks[precision](image) - reference).norm() / reference.norm()
+        row[f"image_{precision}_feature_error"] = round(error.item(), 4)
     first_token = SamplingSettings(temperature=0, max_out_tokens=1)
-    times: dict = {"float32": [], "int8": []}
+    times: dict = {precision: [] for precision in trunks}
     try:
         for round_ in range(rounds + 1):
-            for kind, trunk in (("float32", float_trunk), ("int8", int8_trunk)):
+            for precision, trunk in trunks.items():
                 prefix.enc = trunk
                 stats = GenerationStats()
                 engine.generate(requests, first_token, seeds, stats=stats)
-                if round_:  # the first round warms both up
-                    times[kind].append(stats.time_to_first_token)
+                if round_:  # the first round warms them up
+                    times[precision].append(stats.time_to_first_token)
     finally:
         prefix.enc = float_trunk
-    float_first, int8_first = statistics.median(times["float32"]), statistics.median(times["int8"])
-    return {"image_int8_calibration_s": round(calibration_s, 2),
-            "image_int8_feature_error": round(error.item(), 4),
-            "image_float32_time_to_first_token_ms": round(float_first * 1e3, 2),
-            "image_int8_time_to_first_token_ms": round(int8_first * 1e3, 2),
-            "image_int8_time_to_first_token_over_float32": round(int8_first / float_first, 3)}
+    firsts = {precision: statistics.median(t) for precision, t in times.items()}
+    for precision, first in firsts.items():
+        row[f"image_{precision}_time_to_first_token_ms"] = round(first * 1e3, 2)
+        if precision != "float32":
+            row[f"image_{precision}_time_to_first_token_over_float32"] = round(first / firsts["float32"], 3)
+    return row
 
 
 def per_token(stats: GenerationStats) -> float:
@@ -323,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensor_parallel", type=int, default=1, help="ranks (run under torchrun; needs --checkpoint)")
     parser.add_argument("--max_device_memory", default=None,
                         help="comma-separated budgets, e.g. 2GiB,4GiB: phased execution's time per token at each")
-    parser.add_argument("--skip", default="", help="comma-separated: reference,ggml,nocache,sweep,image_int8")
+    parser.add_argument("--skip", default="", help="comma-separated: reference,ggml,nocache,sweep,image_precision")
     parser.add_argument("--quick", action="store_true", help="a seconds-long run on the demo-sized model (CI)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -422,6 +433,6 @@ def main(argv: list[str] | None = None) -> None:
     if "sweep" not in skip:
         row.update({"float32_weight_sweep_ms": round(sweep * 1e3, 3),
                     "decode_over_weight_sweep": round(decode_per_token / sweep, 3)})
-    if "image_int8" not in skip and device.type == "cpu":
-        row.update(image_int8_figures(engine, model, requests, seeds))
+    if "image_precision" not in skip and device.type == "cpu":
+        row.update(image_precision_figures(engine, model, requests, seeds))
     print_row(row)
