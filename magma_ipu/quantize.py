@@ -10,7 +10,8 @@ is quantized block by block into the cache (weights.quantized_tensors), so both 
 - CUDA: weight-only int8; activations stay bf16/fp16. Batch-1 decoding is bound by reading
   weights, so halving their bytes is what counts; under `torch.compile` the dequantization fuses
   into the matmul.
-The image encoder stays in float: it runs once per request, not once per token.
+The image encoder is not touched here: it runs once per request, not once per token (its own lower
+precisions are quantize_image.py's).
 """
 
 from __future__ import annotations

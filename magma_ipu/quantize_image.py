@@ -41,9 +41,16 @@ PRECISIONS = ("float32", "bfloat16", "int8")
 
 
 def native_bfloat16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AMX tiles or AVX512-BF16)."""
-    checks = (getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-    return any(check is not None and check() for check in checks)
+    """Whether this CPU computes in bfloat16 natively (AMX tiles or AVX512-BF16): as torch detects it,
+    or, where this torch has no such check, from the kernel's CPU flags."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if all(check is not None for check in checks):
+        return any(check() for check in checks)
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def check_image_precision(precision: str, device: str) -> None:
@@ -54,11 +61,12 @@ def check_image_precision(precision: str, device: str) -> None:
         return
     if torch.device(device).type != "cpu":
         raise ConfigError(f"image_precision {precision} is for the image encoder on a CPU, not on {device} "
-                          "(there it runs in the model's dtype): leave it float32")
+                          "(there it runs in the model's dtype): leave it float32, or run on the CPU (--device cpu)")
     if precision == "bfloat16" and not native_bfloat16():
+        instead = "int8 or float32" if "x86" in torch.backends.quantized.supported_engines else "float32"
         raise ConfigError("image_precision bfloat16 needs a CPU with native bfloat16 arithmetic (AMX or AVX512-BF16), "
                           "which this one lacks: its emulated bfloat16 convolutions would take minutes a picture. "
-                          "Use int8, or float32")
+                          f"Use {instead}")
     if precision == "int8" and "x86" not in torch.backends.quantized.supported_engines:
         raise ConfigError("image_precision int8 needs PyTorch's x86 quantized engine (fbgemm), which this build or "
                           f"CPU lacks (it has: {', '.join(torch.backends.quantized.supported_engines)}); "

@@ -1,6 +1,11 @@
 """int8 linear layers: close to float32 and the same greedy tokens."""
 
 import copy
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +108,35 @@ def test_activations_are_7_bit_where_the_products_would_saturate(monkeypatch):
     probe = activations_need_reduce_range.__wrapped__  # uncached
     monkeypatch.setattr(quantize, "_linear_dynamic", _saturating_product)
     assert probe() is True
+
+
+def _probe_with_kernels(instructions: str) -> str:
+    """The probe's answer, and the 7- and 8-bit extreme products, in a process whose fbgemm runs the
+    kernels of `instructions` (its FBGEMM_ENABLE_INSTRUCTIONS: a CPU may run those of an older one)."""
+    code = ("import torch; from magma_ipu.quantize import activations_need_reduce_range, int8_linear, quantize_rows;"
+            "w = torch.tensor([127.0, -127.0])[:, None].expand(2, 256).contiguous();"
+            "p = int8_linear(*quantize_rows(w), None, 'dynamic', torch.float32).packed.params;"
+            "x = torch.full((1, 256), 255.0); exact = x @ w.T;"
+            "ok = [torch.allclose(torch.ops.quantized.linear_dynamic(x, p, r), exact, rtol=1e-5) for r in (True, False)];"
+            "print(activations_need_reduce_range(), *ok)")
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": instructions}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="fbgemm's x86 kernels")
+def test_on_kernels_without_vnni_the_probe_chooses_7_bits_and_8_would_have_saturated():
+    """fbgemm's AVX2 kernels (the real ones, on any x86 CPU of the last decade) saturate 8-bit products."""
+    need, exact_7, exact_8 = _probe_with_kernels("AVX2")
+    assert (need, exact_7, exact_8) == ("True", "True", "False")
+
+
+CPU_FLAGS = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+
+
+@pytest.mark.skipif("avx512_vnni" not in CPU_FLAGS, reason="needs a CPU with AVX-512 VNNI")
+def test_on_vnni_kernels_the_probe_chooses_8_bits():
+    need, exact_7, exact_8 = _probe_with_kernels("")
+    assert (need, exact_7, exact_8) == ("False", "True", "True")
 
 
 def test_the_activation_bits_chosen_for_this_cpu_give_exact_products_at_their_extremes():

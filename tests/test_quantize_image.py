@@ -60,6 +60,32 @@ def test_a_bfloat16_trunk_stays_near_the_float_one(demo_float_magma):
     assert (out - reference).norm() / reference.norm() < 0.03
 
 
+def test_folding_the_batchnorms_alone_changes_nothing_but_rounding(demo_float_magma, monkeypatch):
+    """The bfloat16 path's folding, checked in float32 (the cast to bfloat16 made a no-op)."""
+    from PIL import Image
+
+    trunk = copy.deepcopy(demo_float_magma.model.image_prefix.enc)
+    pixels = preprocess(Image.open(ROOT / "demo_example_images" / "scene_3.png"), 96)
+    with torch.inference_mode():
+        reference = trunk(pixels)
+    monkeypatch.setattr(torch, "bfloat16", torch.float32)
+    folded = bfloat16_trunk(trunk)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.inference_mode():
+        assert (folded(pixels) - reference).abs().max() < 1e-5 * reference.abs().max()
+
+
+def test_image_precision_bfloat16_builds_a_bfloat16_trunk(monkeypatch):
+    import magma_ipu.quantize_image
+
+    monkeypatch.setattr(magma_ipu.quantize_image, "native_bfloat16", lambda: True)  # the demo's trunk is small
+    model = build_model(load_config("demo", image_precision="bfloat16"), None)
+    assert type(model.image_prefix.enc).__name__ == "Bfloat16Trunk"
+    with torch.inference_mode():
+        prefix = model.embed_images(calibration_pixels(model.cfg.image_resolution)[:2])
+    assert prefix.dtype == torch.float32 and torch.isfinite(prefix).all()
+
+
 def test_the_demo_model_captions_its_scenes_the_same_with_an_int8_image_encoder(demo_magma, demo_int8_images):
     assert isinstance(demo_int8_images.model.image_prefix.enc.quantized.conv1, torch.ao.nn.intrinsic.quantized.ConvReLU2d)
     for path in SCENES:

@@ -45,6 +45,9 @@ from ..sampling import SamplingSettings
 from ..session import decide_auto
 
 
+SKIPPABLE = ("reference", "ggml", "nocache", "sweep", "image_precision")  # the rows --skip can leave out
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -334,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensor_parallel", type=int, default=1, help="ranks (run under torchrun; needs --checkpoint)")
     parser.add_argument("--max_device_memory", default=None,
                         help="comma-separated budgets, e.g. 2GiB,4GiB: phased execution's time per token at each")
-    parser.add_argument("--skip", default="", help="comma-separated: reference,ggml,nocache,sweep,image_precision")
+    parser.add_argument("--skip", default="", help="comma-separated: " + ",".join(SKIPPABLE))
     parser.add_argument("--quick", action="store_true", help="a seconds-long run on the demo-sized model (CI)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -342,6 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.tensor_parallel)
     torch.set_num_threads(threads)
     skip = set(filter(None, args.skip.split(",")))
+    if skip - set(SKIPPABLE):
+        parser.error(f"--skip takes {', '.join(SKIPPABLE)}; not {', '.join(sorted(skip - set(SKIPPABLE)))}")
     overrides = {k: v for k, v in (("dtype", args.dtype), ("device", args.device), ("quantize", args.quantize))
                  if v is not None}
     cfg = load_config(args.config, compile=args.compile, onednn=args.onednn, tensor_parallel=args.tensor_parallel,
