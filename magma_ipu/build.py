@@ -24,7 +24,7 @@ from .config import MagmaConfig, parse_bytes, torch_dtype
 from .errors import ConfigError
 from .model import MagmaModel
 from .quantize import INT8_LAYERS, check_method, default_method, load_int8, quantize_int8
-from .quantize_image import bfloat16_trunk, calibration_pixels, check_image_precision, quantize_trunk
+from .quantize_image import check_image_precision, trunk_in
 from .resources import cache_bytes, check_disk, check_memory
 from .weights import (
     _release_pages,
@@ -59,10 +59,7 @@ def image_encoder_in(precision: str, model: MagmaModel) -> None:
     the float weights' mapped pages then leave the resident set."""
     prefix = model.image_prefix
     floats = list(prefix.enc.state_dict().values())
-    if precision == "bfloat16":
-        prefix.enc = bfloat16_trunk(prefix.enc)
-    else:
-        prefix.enc = quantize_trunk(prefix.enc, calibration_pixels(model.cfg.image_resolution))
+    prefix.enc = trunk_in(precision, prefix.enc, model.cfg.image_resolution)
     for tensor in floats:
         _release_pages(tensor)
     del floats

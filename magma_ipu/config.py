@@ -107,7 +107,8 @@ class MagmaConfig:
     memory_check: bool = True  # refuse at once a model the machine's free memory cannot hold
     compile: bool = False  # torch.compile the decode step (CUDA graphs on CUDA) and the prefill
     onednn: bool = True  # CPU float32: run the language model's linear layers through oneDNN (faster)
-    image_precision: str = "float32"  # CPU: the image encoder in "bfloat16" (native bfloat16 CPUs) or "int8" (quantize_image.py)
+    # CPU: the image encoder in "bfloat16" (native bfloat16 CPUs) or "int8" (quantize_image.py)
+    image_precision: str = "float32"
     tensor_parallel: int = 1  # processes (GPUs) the language model is split over; launch with torchrun
     max_device_memory: str | None = None  # e.g. "6GiB": blocks beyond it stream from host memory
     image_timeout: float = 10.0  # seconds to wait for an image server

@@ -108,7 +108,16 @@ def _conv_batchnorm_pairs(module: nn.Module) -> list[tuple[str, str]]:
     output alone: convN/bnN in the stem and in each Bottleneck, and a shortcut's "0"/"1"."""
     children = module._modules
     pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)] + [("0", "1")]
-    return [(c, b) for c, b in pairs if isinstance(children.get(c), nn.Conv2d) and isinstance(children.get(b), nn.BatchNorm2d)]
+    return [(c, b) for c, b in pairs
+            if isinstance(children.get(c), nn.Conv2d) and isinstance(children.get(b), nn.BatchNorm2d)]
+
+
+def trunk_in(precision: str, trunk: nn.Module, resolution: int) -> nn.Module:
+    """The float32 trunk `trunk` (consumed) in `precision`: "bfloat16", or "int8" calibrated on the
+    bundled pictures at `resolution` pixels."""
+    if precision == "bfloat16":
+        return bfloat16_trunk(trunk)
+    return quantize_trunk(trunk, calibration_pixels(resolution))
 
 
 class Int8Trunk(nn.Module):

@@ -61,7 +61,8 @@ def memory_needed(config: MagmaConfig, model: nn.Module, plan: Plan | None = Non
     dtype = torch_dtype(plan.dtype)
     m = config.model
     kv_cache = 2 * m.n_layer * config.cache_length * m.d_model * dtype.itemsize
-    return weight_bytes(model, dtype, plan.quantize, config.device) + kv_cache + OVERHEAD + image_precision_bytes(config, model)
+    return (weight_bytes(model, dtype, plan.quantize, config.device) + kv_cache + OVERHEAD
+            + image_precision_bytes(config, model))
 
 
 def image_precision_bytes(config: MagmaConfig, model: nn.Module) -> int:
@@ -71,7 +72,8 @@ def image_precision_bytes(config: MagmaConfig, model: nn.Module) -> int:
     after the first token, for a 0.55 GB float32 trunk). bfloat16: half, its folded bfloat16 copy
     (folded a convolution at a time)."""
     share = {"float32": 0, "bfloat16": 0.5, "int8": 2}[config.image_precision]
-    return int(share * sum(t.numel() * 4 for t in model.image_prefix.enc.state_dict().values() if t.is_floating_point()))
+    trunk = model.image_prefix.enc.state_dict().values()
+    return int(share * sum(t.numel() * 4 for t in trunk if t.is_floating_point()))
 
 
 def available_memory(device: str) -> int | None:

@@ -183,7 +183,8 @@ def test_compiled_decode_step_gives_the_eager_tokens(tiny_magma, record_decode_s
     width = len(tiny_magma.engine.embed([request])[0])
     assert width < 64 < width + 10  # the decode crosses 64 slots: two lengths of CUDA graphs (64, 128)
     settings = SamplingSettings(temperature=0, max_out_tokens=10)
-    torch._dynamo.reset()  # graphs compiled by earlier tests (the same step functions, other models) would count as recompiles
+    # graphs compiled by earlier tests (the same step functions, other models) would count as recompiles
+    torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):  # on a CPU, one graph for every width read
         with record_decode_steps(engine) as steps:
             compiled = engine.generate([request], settings, [0])[0].token_ids

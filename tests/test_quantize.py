@@ -117,10 +117,12 @@ def _probe_with_kernels(instructions: str) -> str:
             "w = torch.tensor([127.0, -127.0])[:, None].expand(2, 256).contiguous();"
             "p = int8_linear(*quantize_rows(w), None, 'dynamic', torch.float32).packed.params;"
             "x = torch.full((1, 256), 255.0); exact = x @ w.T;"
-            "ok = [torch.allclose(torch.ops.quantized.linear_dynamic(x, p, r), exact, rtol=1e-5) for r in (True, False)];"
+            "ok = [torch.allclose(torch.ops.quantized.linear_dynamic(x, p, r), exact, rtol=1e-5)"
+            "      for r in (True, False)];"
             "print(activations_need_reduce_range(), *ok)")
     env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": instructions}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.split()
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="fbgemm's x86 kernels")

@@ -40,7 +40,7 @@ from ..config import load_config
 from ..errors import ConfigError, MagmaError
 from ..generation import Engine, GenerationStats
 from ..packed import PackedLinear
-from ..quantize_image import bfloat16_trunk, calibration_pixels, check_image_precision, quantize_trunk
+from ..quantize_image import check_image_precision, trunk_in
 from ..sampling import SamplingSettings
 from ..session import decide_auto
 
@@ -208,15 +208,14 @@ def image_precision_figures(engine: Engine, model, requests, seeds, rounds: int 
     trunks, row = {"float32": float_trunk}, {}
     with torch.inference_mode():
         reference = float_trunk(image)
-    for precision, make in (("bfloat16", bfloat16_trunk), ("int8", quantize_trunk)):
+    for precision in ("bfloat16", "int8"):
         try:
             check_image_precision(precision, "cpu")
         except ConfigError as e:
             row[f"image_{precision}"] = str(e)
             continue
         start = time.perf_counter()
-        args = (calibration_pixels(model.cfg.image_resolution),) if precision == "int8" else ()
-        trunks[precision] = make(copy.deepcopy(float_trunk), *args)
+        trunks[precision] = trunk_in(precision, copy.deepcopy(float_trunk), model.cfg.image_resolution)
         row[f"image_{precision}_prepare_s"] = round(time.perf_counter() - start, 2)
         with torch.inference_mode():
             error = (trunks[precision](image) - reference).norm() / reference.norm()
