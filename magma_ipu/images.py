@@ -176,9 +176,14 @@ def _eight_bit(image: Image.Image) -> Image.Image:
 
 def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
     """CLIP's preprocessing of an image in any mode -> 1 x 3 x R x R float32."""
-    pixels = np.asarray(center_crop(image, resolution), dtype=np.float32) / 255.0  # R x R x 3
-    pixels = (pixels - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
-    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())[None]
+    return normalize(torch.from_numpy(np.array(center_crop(image, resolution)))[None]).contiguous()
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """CLIP's scaling of cropped RGB pictures: N x R x R x 3 uint8 -> N x 3 x R x R float32 (channels-last
+    strides, as it comes)."""
+    scaled = (pixels.float() / 255.0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    return scaled.permute(0, 3, 1, 2)
 
 
 def center_crop(image: Image.Image, resolution: int) -> Image.Image:

@@ -22,11 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import random
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from itertools import repeat
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from magma_ipu.config import load_config  # noqa: E402
-from magma_ipu.images import preprocess  # noqa: E402
+from magma_ipu.images import center_crop, normalize  # noqa: E402
 from magma_ipu.model import MagmaModel  # noqa: E402
 from magma_ipu.demo.scenes import CAPTION_PROMPT, GRID, NOTATION_TOKENS, draw_varied, random_scene  # noqa: E402
 from magma_ipu.demo.tokenizer import train_byte_level_bpe  # noqa: E402
@@ -45,16 +49,23 @@ ASSETS = ROOT / "magma_ipu" / "assets" / "demo"
 # and a language model that only ever read exact notation lost the order of two objects, or named one
 # twice, with the right objects in the right cells of its prefix.
 NOTATION_NOISE = 0.8
+CHUNK = 500  # scenes drawn per task of the drawing processes
 
 
-def make_data(count: int, seed: int, resolution: int):
-    """Scenes and their pictures, preprocessed as the model sees them (float16)."""
-    rng = random.Random(seed)
+def draw_chunk(seed: int, chunk: int, count: int, resolution: int):
+    """`count` scenes and their pictures as the model sees them (count x R x R x 3 uint8), from their
+    own random stream: the same whichever process draws them."""
+    rng = random.Random(f"{seed}/{chunk}")
     scenes = [random_scene(rng) for _ in range(count)]
-    pixels = torch.empty(count, 3, resolution, resolution, dtype=torch.float16)
-    for i, scene in enumerate(scenes):
-        pixels[i] = preprocess(draw_varied(scene, rng), resolution)[0].half()
-    return scenes, pixels
+    return scenes, np.stack([np.asarray(center_crop(draw_varied(s, rng), resolution)) for s in scenes])
+
+
+def make_data(count: int, seed: int, resolution: int, workers: int):
+    """Scenes and their pictures (uint8, count x R x R x 3), drawn in `workers` processes."""
+    sizes = [min(CHUNK, count - start) for start in range(0, count, CHUNK)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(draw_chunk, repeat(seed), range(len(sizes)), sizes, repeat(resolution)))
+    return [s for scenes, _ in parts for s in scenes], torch.from_numpy(np.concatenate([p for _, p in parts]))
 
 
 def batch_text(tokenizer, docs: list[list[str]], eos: int):
@@ -150,7 +161,7 @@ def main() -> None:
 
     base = load_config(ROOT / "configs" / "demo.yml")
     res = base.model.image_resolution
-    scenes, pixels = make_data(args.scenes, args.seed, res)
+    scenes, pixels = make_data(args.scenes, args.seed, res, args.threads)
     examples = [(i, p + a) for i, s in enumerate(scenes) for p, a in s.examples()]  # (scene, text)
     captions = [e for e in examples if e[1].startswith(CAPTION_PROMPT)]
     print(f"data: {len(scenes)} scenes, {len(examples)} texts ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -197,14 +208,13 @@ def main() -> None:
     prototypes = model.embed_tokens(notation_vocab).detach()
     class_of = {int(token): k for k, token in enumerate(notation_vocab)}
     cell_classes = torch.tensor([[class_of[t] for t in tokenizer.encode(s.notation())] for s in scenes])  # scenes x cells
-    model.image_prefix.to(memory_format=torch.channels_last)  # faster convolutions on CPU
-    pixels = pixels.contiguous(memory_format=torch.channels_last)
+    model.image_prefix.to(memory_format=torch.channels_last)  # faster convolutions on CPU: normalize's layout
 
     def image_batch():
         # half captions, half questions, so both kinds of prompt are conditioned on the image
         picks = rng.sample(captions, args.batch_size // 2) + rng.sample(examples, args.batch_size // 2)
         index = torch.tensor([i for i, _ in picks])
-        prefix = model.image_prefix(pixels[index].float())
+        prefix = model.image_prefix(normalize(pixels[index]))
         text = lm_loss(model, prefix, *batch_text(tokenizer, [[t] for _, t in picks], eos))
         cells = cell_classes[index]
         return text + notation_loss(prefix, cells, prototypes) + pull_loss(prefix, cells, prototypes)

@@ -61,8 +61,8 @@ def test_quick_benchmark_emits_every_field(extra, more):
 
 
 def test_phased_benchmark_reports_each_budget_against_the_transfer_floor():
-    # demo model: 5.4 MB outside the blocks, 0.56 MB per block; two blocks are always in flight
-    row = run_json("--max_device_memory", "6.7MB,7.8MB")
+    # demo model: 5.6 MB outside the blocks, 0.56 MB per block; two blocks are always in flight
+    row = run_json("--max_device_memory", "6.8MB,8.0MB")
     first, second = row["phased"]
     assert (first["resident_blocks"], first["streamed_blocks"]) == (0, 4)
     assert (second["resident_blocks"], second["streamed_blocks"]) == (2, 2)

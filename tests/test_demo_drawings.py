@@ -13,17 +13,19 @@ from magma_ipu.demo.evaluation import evaluate_drawings, named_objects
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 7_700_001  # the fixed held-out sample; the training script never runs the drawer
+SINGLES, PAIRS = 200, 100  # a caption more or less moves the hallucination rate by a third of a point
 
 
 def test_held_out_drawings_are_named_once_in_order_and_answered(demo_magma):
-    # The shipped model scores 0.99 / 0.90 / 0.033 / 0.987 on this sample (on 300 + 300 other pictures
-    # 0.99 / 0.94 / 0.03 / 0.989). The goals are 0.95 single, 0.9 pairs in order, <= 0.03 hallucinating
-    # captions, 0.9 Q&A; with 50 pairs and 150 captions, two pairs and one caption of room.
-    metrics = evaluate_drawings(singles=100, pairs=50, seed=SEED, magma=demo_magma)
+    # The goals, as they are: >= 95 % of one-object captions right, >= 90 % of two-object ones (both, once
+    # each, in reading order), <= 3 % of captions naming an object that is not there, >= 90 % of answers
+    # exact; at most 1 % naming an object twice. The shipped model: 0.99 / 0.94 / 0.0267 / 0.9925, 0.0;
+    # the one before it failed two of them here (0.89 pairs, 0.0433 hallucinating).
+    metrics = evaluate_drawings(singles=SINGLES, pairs=PAIRS, seed=SEED, magma=demo_magma)
     assert metrics["single_accuracy"] >= 0.95, metrics
-    assert metrics["pair_accuracy"] >= 0.86, metrics
-    assert metrics["hallucination_rate"] <= 0.04, metrics
-    assert metrics["repeat_rate"] <= 0.02, metrics
+    assert metrics["pair_accuracy"] >= 0.9, metrics
+    assert metrics["hallucination_rate"] <= 0.03, metrics
+    assert metrics["repeat_rate"] <= 0.01, metrics
     assert metrics["qa_accuracy"] >= 0.9, metrics
 
 
