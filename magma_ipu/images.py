@@ -176,13 +176,15 @@ def _eight_bit(image: Image.Image) -> Image.Image:
 
 def preprocess(image: Image.Image, resolution: int) -> torch.Tensor:
     """CLIP's preprocessing of an image in any mode -> 1 x 3 x R x R float32."""
+    # np.array, not asarray: a writable copy, which torch.from_numpy takes without a warning
     return normalize(torch.from_numpy(np.array(center_crop(image, resolution)))[None]).contiguous()
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
     """CLIP's scaling of cropped RGB pictures: N x R x R x 3 uint8 -> N x 3 x R x R float32 (channels-last
     strides, as it comes)."""
-    scaled = (pixels.float() / 255.0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    mean, std = torch.tensor(CLIP_MEAN, dtype=torch.float32), torch.tensor(CLIP_STD, dtype=torch.float32)
+    scaled = (pixels.float() / 255.0 - mean) / std
     return scaled.permute(0, 3, 1, 2)
 
 

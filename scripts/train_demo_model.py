@@ -49,7 +49,9 @@ ASSETS = ROOT / "magma_ipu" / "assets" / "demo"
 # and a language model that only ever read exact notation lost the order of two objects, or named one
 # twice, with the right objects in the right cells of its prefix.
 NOTATION_NOISE = 0.8
-CHUNK = 500  # scenes drawn per task of the drawing processes
+# Scenes per task of the drawing processes. Each chunk has its own random stream, seeded by (seed, chunk):
+# changing CHUNK changes the training set a seed gives.
+CHUNK = 500
 
 
 def draw_chunk(seed: int, chunk: int, count: int, resolution: int):
@@ -149,7 +151,8 @@ def main() -> None:
     parser.add_argument("--text_steps", type=int, default=1500)
     parser.add_argument("--image_steps", type=int, default=3600)
     parser.add_argument("--batch_size", type=int, default=32)
-    # the budget is 25 minutes on 2 cores; on cores that other jobs keep busy, one thread can be faster
+    # the budget is 25 minutes on 2 cores; on cores that other jobs keep busy, one thread can be faster.
+    # It is also the number of processes that draw the scenes.
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lm_rate", type=float, default=2e-4, help="peak rate of the language model's blocks in stage 2")
     parser.add_argument("--out", type=Path, default=ASSETS)

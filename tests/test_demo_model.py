@@ -4,6 +4,8 @@ from the independent drawer: tests/test_demo_drawings.py.)"""
 import json
 from pathlib import Path
 
+import torch
+
 from magma_ipu.demo.evaluation import evaluate_demo
 from magma_ipu.demo.scenes import names_objects
 
@@ -86,3 +88,26 @@ def test_scenes_json_matches_the_scene_generator():
         scene = random_scene(random.Random(entry["seed"]))
         assert entry["caption"] == scene.caption() and entry["background"] == scene.background
         assert entry["objects"] == [{"colour": o.colour, "shape": o.shape, "size": o.size} for o in scene.objects]
+
+
+def test_training_scenes_are_the_same_however_many_processes_draw_them(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import train_demo_model
+
+    monkeypatch.setattr(train_demo_model, "CHUNK", 4)
+    one_scenes, one_pixels = train_demo_model.make_data(10, seed=3, resolution=32, workers=1)
+    two_scenes, two_pixels = train_demo_model.make_data(10, seed=3, resolution=32, workers=2)
+    assert one_scenes == two_scenes and torch.equal(one_pixels, two_pixels)
+    assert one_pixels.shape == (10, 32, 32, 3) and one_pixels.dtype == torch.uint8
+    assert one_scenes[:2] != one_scenes[4:6]  # each chunk draws from its own stream
+
+
+def test_training_circles_and_hexagons_stay_regular():
+    import random
+
+    from magma_ipu.demo.scenes import random_scene
+
+    rng = random.Random(5)
+    objects = [o for _ in range(300) for o in random_scene(rng).objects]
+    assert {o.stretch for o in objects if o.shape in ("circle", "hexagon")} == {1.0}
+    assert len({o.stretch for o in objects if o.shape in ("square", "star")}) > 50

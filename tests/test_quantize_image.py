@@ -117,7 +117,7 @@ def test_an_int8_trunk_stays_near_the_float_one_on_a_picture_left_out_of_calibra
         out = quantized(unseen)
     assert out.shape == reference.shape and out.dtype == torch.float32
     assert (elsewhere - reference).norm() / reference.norm() > 1  # what a different picture changes
-    assert (out - reference).norm() / reference.norm() < 0.25  # 0.110 with the shipped model (0.169 with the one before it)
+    assert (out - reference).norm() / reference.norm() < 0.25  # 0.110 when written (the model before: 0.169)
 
 
 def test_a_lower_image_precision_is_refused_where_it_cannot_run(monkeypatch):
