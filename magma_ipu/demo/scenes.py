@@ -51,9 +51,11 @@ NOTATION_TOKENS = tuple(
     [f"<|{size} {colour} {shape}|>" for size in SIZES for colour in COLOURS for shape in SHAPES]
     + [f"<|{background}|>" for background in BACKGROUNDS]
 )
-# Width / height before turning. A circle squeezed to 0.87 has a hexagon's proportions (flat to flat over
-# corner to corner), the one cue that tells them apart when they are a dozen pixels across: both stay regular.
-STRETCH = {"diamond": (0.6, 1.0), "circle": (1.0, 1.0), "hexagon": (1.0, 1.0)}
+# Width / height before turning, drawn from these ranges. A circle squeezed to 0.87 has a hexagon's proportions
+# (flat to flat over corner to corner), the one cue that tells them apart when they are a dozen pixels across:
+# both stay regular.
+STRETCH = {"circle": (1.0, 1.0), "square": (0.85, 1.15), "triangle": (0.85, 1.15), "star": (0.85, 1.15),
+           "diamond": (0.6, 1.0), "hexagon": (1.0, 1.0)}
 # Turning a square by 45 degrees makes a diamond, so those two turn only a little; the others turn
 # freely within their symmetry (a triangle up to half of it: turned by 60 degrees it points down).
 TURN_DEGREES = {"circle": 180.0, "square": 20.0, "diamond": 20.0, "triangle": 30.0, "star": 36.0, "hexagon": 30.0}
@@ -151,7 +153,7 @@ def _place(rng: random.Random, shapes, colours) -> tuple[SceneObject, ...] | Non
 
 def _random_object(rng: random.Random, shape: str, colour: str, x: float, y: float, extent: float) -> SceneObject:
     turn = TURN_DEGREES[shape]
-    stretch = rng.uniform(*STRETCH.get(shape, (0.85, 1.15)))
+    stretch = rng.uniform(*STRETCH[shape])
     outline = rng.uniform(0.015, 0.05) if rng.random() < 0.25 else 0.0
     return SceneObject(shape, colour, x, y, extent, rng.uniform(-turn, turn), stretch, outline)
 
